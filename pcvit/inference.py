@@ -1,0 +1,120 @@
+"""Predictive-coding inference: settle the states by gradient descent on the energy.
+
+One inference step (the original's `train_on_batch`, step 3):
+
+    g_i = dE/dh_i                           for every node i = 0..L+1 (the sensory node is clamped)
+    g_i <- base^(L+1-i) * g_i               layer scaling: the top latent moves most
+    g   <- g * c / ||g||   if ||g|| >= c    ONE global norm over all nodes and the whole batch
+    m_i <- g_i + mu * m_i                   SGD momentum, buffers reset every batch
+    h_i <- h_i - lr(t) * m_i                lr evaluated at the inference-step index t
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import Config
+from .model import PCViT
+
+
+@dataclass
+class States:
+    """The value nodes' states: the top latent h0 (B, N, P) and h_1..h_{L+1} stacked, (L+1, B, N, H)."""
+
+    top: Tensor
+    hidden: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.top.shape[0]
+
+    def clone(self) -> "States":
+        return States(self.top.clone(), self.hidden.clone())
+
+    def head(self, n: int) -> "States":
+        """The first n sample slots (a view): partial batches run on a slice of the carried state."""
+        return States(self.top[:n], self.hidden[:, :n])
+
+    def is_finite(self) -> Tensor:
+        return torch.isfinite(self.top).all() & torch.isfinite(self.hidden).all()
+
+    def as_list(self) -> list[Tensor]:
+        """[h0, h1, ..., h_{L+1}], the golden files' node order."""
+        return [self.top, *self.hidden.unbind(0)]
+
+
+def init_states(model: PCViT, batch_size: int, use_noise: bool, generator: torch.Generator | None) -> States:
+    """Run-start INIT: h0 ~ 0.01*N(0,1) (or zeros), then every hidden state := its feed-forward prediction."""
+    device = model.pos_embed.device
+    shape = (batch_size, model.num_patches, model.patch_dim)
+    top = 0.01 * torch.randn(shape, generator=generator) if use_noise else torch.zeros(shape)
+    top = top.to(device)
+    hidden, _ = model.feedforward(top)
+    return States(top, hidden)
+
+
+def layer_scales(config: Config) -> Tensor:
+    """base^(L+1-i) for node i = 0..L+1 (ones without layer scaling): node L+1 x1, the top latent x base^(L+1)."""
+    L = config.num_blocks
+    if not config.use_inference_lr_scaling:
+        return torch.ones(L + 2, dtype=torch.float64)
+    exponents = torch.arange(L + 1, -1, -1, dtype=torch.float64)
+    return config.inference_lr_scale_base ** exponents
+
+
+def state_grads(model: PCViT, x: Tensor, states: States) -> tuple[Tensor, Tensor, Tensor]:
+    """Total energy and its gradient w.r.t. every state (not divided by the batch size)."""
+    top = states.top.detach().requires_grad_(True)
+    hidden = states.hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        energy = model.energy(x, top, hidden)
+        g_top, g_hidden = torch.autograd.grad(energy, (top, hidden))
+    return energy.detach(), g_top, g_hidden
+
+
+@dataclass
+class StepRecord:
+    """What one inference step saw, kept only when asked (tests, diagnostics): tensors, no GPU sync."""
+
+    energy: Tensor  # total energy at the states before the step
+    grad_norm: Tensor  # global norm of the layer-scaled gradient
+    clipped: Tensor  # bool: norm >= clip
+    lr: float
+    states: States  # after the step
+
+
+def settle_states(model: PCViT, x: Tensor, states: States, steps: int, lr_at: Callable[[int], float],
+                  momentum: float, clip_norm: float, scales: Tensor,
+                  before_step: Callable[[int, States], None] | None = None,
+                  record: list[StepRecord] | None = None) -> States:
+    """Run `steps` inference steps from `states` with a fresh momentum buffer; returns the new states.
+
+    The input states are not modified. `before_step(t, states)` sees the states before update t
+    (validation records its reconstruction there); `record` collects a StepRecord per step.
+    """
+    top, hidden = states.top.clone(), states.hidden.clone()
+    scale_top = float(scales[0])
+    scale_hidden = scales[1:].to(hidden.dtype).to(hidden.device)[:, None, None, None]  # (L+1, 1, 1, 1)
+    m_top = m_hidden = None
+    for t in range(steps):
+        if before_step is not None:
+            before_step(t, States(top, hidden))
+        energy, g_top, g_hidden = state_grads(model, x, States(top, hidden))
+        g_top = g_top * scale_top
+        g_hidden = g_hidden * scale_hidden
+        norm = torch.sqrt(g_top.square().sum() + g_hidden.square().sum())
+        clipped = norm >= clip_norm
+        factor = torch.where(clipped, clip_norm / norm, torch.ones_like(norm))  # no epsilon, as optax
+        g_top, g_hidden = g_top * factor, g_hidden * factor
+        m_top = g_top if m_top is None else g_top + momentum * m_top
+        m_hidden = g_hidden if m_hidden is None else g_hidden + momentum * m_hidden
+        lr = lr_at(t)
+        top = top - lr * m_top
+        hidden = hidden - lr * m_hidden
+        if record is not None:
+            record.append(StepRecord(energy, norm.detach(), clipped, lr, States(top.detach(), hidden.detach())))
+    return States(top.detach(), hidden.detach())

@@ -1,0 +1,79 @@
+"""How a training run talks to the outside: listeners, and the result it returns.
+
+The loop in `train.py` knows nothing of Optuna, W&B or terminals. It calls the listeners it was given;
+a listener may ask the run to stop (`run.request_stop("pruned")`), which ends it after the current
+callback with that stop reason. Epoch numbers passed to listeners count completed epochs (1-based),
+the same step the original logs to W&B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .train import Run
+
+STOP_REASONS = ("completed", "early_stopped", "diverged", "stopped", "interrupted")
+
+
+class Listener:
+    """Base class: override what you need. Every method is called with the live `Run`."""
+
+    wants_batches = False  # on_batch costs a GPU sync per batch; only called when True
+
+    def on_start(self, run: "Run") -> None:
+        pass
+
+    def on_batch(self, run: "Run", epoch: int, batch: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_epoch(self, run: "Run", epoch: int, metrics: dict[str, Any]) -> None:
+        """After every epoch's bookkeeping (train metrics, validation, probe, images)."""
+
+    def on_probe(self, run: "Run", epoch: int, accuracy: float) -> None:
+        """After every linear probe, before on_epoch of the same epoch."""
+
+    def on_images(self, run: "Run", epoch: int, path: Path) -> None:
+        pass
+
+    def on_end(self, run: "Run", result: "RunResult") -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    """What a run produced. `to_dict()` is the CLI's JSON summary."""
+
+    best_probe_accuracy: float = 0.0  # running max over all probes; 0.0 when never probed (as the original)
+    best_train_mse: float = math.inf
+    final_train_mse: float = math.nan
+    best_val_mse: float = math.inf  # inf when never validated (as the original)
+    epochs_run: int = 0
+    stop_reason: str = "completed"  # one of STOP_REASONS
+    stop_detail: str = ""  # e.g. the listener's reason, or which quantity diverged
+    diverged: bool = False
+    divergence_epoch: int | None = None
+    wall_time_s: float = 0.0
+    device: str = "cpu"
+    implementation: str = "parallel"
+    probe_accuracies: list[float] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one dict per epoch
+    image_paths: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON has no inf/nan: write them as strings so a summary always parses."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value

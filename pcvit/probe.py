@@ -1,0 +1,96 @@
+"""Linear probe: how linearly separable are the features the PC model infers for an image?
+
+Features: for every image, settle the states for T steps from the model's current states (the same
+starting state for every batch; nothing is written back) with a constant state lr, then average the
+chosen nodes over the patches (node 0, the top latent, gives P = 48 features on CIFAR-10). Standardise
+with the training statistics, fit a linear softmax classifier with AdamW, report the best test accuracy
+over the probe epochs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import Config
+from .data import ImageData
+from .inference import States, layer_scales, settle_states
+from .model import PCViT
+
+
+@torch.no_grad()
+def extract_features(model: PCViT, states: States, images: Tensor, data: ImageData, config: Config) -> Tensor:
+    """(n, C, S, S) uint8 images -> (n, F) features; the model's states are left untouched."""
+    scales = layer_scales(config)
+    lr = config.hidden_lr_inference
+    B = states.batch_size
+    features = []
+    for start in range(0, len(images), B):
+        x = data.normalise(images[start:start + B])
+        start_states = states.head(len(x))  # slot i starts from slot i; a partial batch uses the first slots
+        final = settle_states(model, x, start_states, config.probe_steps, lambda t: lr, config.hidden_momentum,
+                              config.h_grad_clip_norm, scales)
+        nodes = final.as_list()
+        features.append(torch.cat([nodes[i].mean(dim=1) for i in config.linear_probe_vode_indices], dim=1))
+    return torch.cat(features)
+
+
+def standardise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    """(f - mean) / (std + 1e-7) with the training set's statistics (std with ddof 0, as np.std)."""
+    mean = train.mean(dim=0)
+    std = train.std(dim=0, unbiased=False)
+    return (train - mean) / (std + 1e-7), (test - mean) / (std + 1e-7)
+
+
+def fit_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, config: Config,
+                     num_classes: int = 10) -> float:
+    """Train a linear softmax head on standardised features; best test accuracy over the probe epochs."""
+    train_x, test_x = standardise(train_x.float(), test_x.float())
+    if not (torch.isfinite(train_x).all() and torch.isfinite(test_x).all()):
+        return 1.0 / num_classes  # NaN features carry no information: chance level
+    generator = torch.Generator().manual_seed(config.linear_probe_seed)
+    n_features = train_x.shape[1]
+    bound = math.sqrt(6.0 / (n_features + num_classes))  # glorot-uniform weights, zero bias
+    weight = torch.empty(n_features, num_classes).uniform_(-bound, bound, generator=generator)
+    weight = weight.to(train_x.device).requires_grad_(True)
+    bias = torch.zeros(num_classes, device=train_x.device, requires_grad=True)
+    optimizer = torch.optim.AdamW([weight, bias], lr=config.linear_probe_lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=config.linear_probe_wd)
+    best = 0.0
+    B = config.linear_probe_batch_size
+    for _ in range(config.linear_probe_epochs):
+        order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
+        for start in range(0, len(order), B):
+            idx = order[start:start + B]
+            loss = F.cross_entropy(train_x[idx] @ weight + bias, train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            accuracy = ((test_x @ weight + bias).argmax(dim=1) == test_y).float().mean().item()  # GPU sync
+        best = max(best, accuracy)
+    return best
+
+
+def probe_accuracy(model: PCViT, states: States, data: ImageData, config: Config) -> float:
+    """The whole probe: features of the training subset and of the first `test_subset` test images."""
+    train_features = extract_features(model, states, data.train_images, data, config)
+    test_features = extract_features(model, states, data.test_images[: config.test_subset], data, config)
+    return fit_linear_probe(train_features, data.train_labels, test_features,
+                            data.test_labels[: config.test_subset], config)
+
+
+def raw_patch_baseline(data: ImageData, config: Config) -> float:
+    """The same probe protocol on the global average of the raw image patches (no model): a floor to beat."""
+    from .model import patchify
+
+    def features(images: Tensor) -> Tensor:
+        return torch.cat([patchify(data.normalise(images[s:s + 1000]), config.patch_size).mean(dim=1)
+                          for s in range(0, len(images), 1000)])
+
+    test_images = data.test_images[: config.test_subset]
+    return fit_linear_probe(features(data.train_images), data.train_labels, features(test_images),
+                            data.test_labels[: config.test_subset], config)

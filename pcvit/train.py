@@ -1,0 +1,289 @@
+"""The training run: predictive-coding batches, schedules, validation, probe, images, early stopping.
+
+Per batch (the original's `train_on_batch`): clamp the image on the sensory node, settle the states
+carried over from the previous operation for T steps, take one AdamW step on the weights at the settled
+states, then measure the train MSE of a pure top-down reconstruction with the updated weights.
+Per epoch (the original's order): train, log, early-stop check, validation when due, probe when due,
+reconstruction image when due. Listeners hear about each of these and may ask the run to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from .config import Config, ConfigError
+from .data import ImageData, load_data
+from .images import save_reconstruction_grid
+from .inference import States, init_states, layer_scales, settle_states
+from .listeners import Listener, RunResult
+from .model import PCViT
+from .optim import hidden_lr, make_weight_optimizer, scale_and_clip_grads, set_lr, weight_lr
+from .probe import probe_accuracy
+
+MILESTONE_TRAIN_MSE = 0.0008  # the original's save_model_train_mse_threshold: first crossing triggers val + image
+
+
+def clipped_mse(xhat: Tensor, x: Tensor) -> Tensor:
+    """mean((clip(xhat, 0, 1) - clip(x, 0, 1))^2) in normalised space: the original's train/val MSE."""
+    return (xhat.clamp(0, 1) - x.clamp(0, 1)).square().mean()
+
+
+class Run:
+    """One training run: the model, its carried states, both optimisers' state and the bookkeeping."""
+
+    def __init__(self, config: Config, data: ImageData, listeners: Iterable[Listener] = (),
+                 out_dir: Path | str | None = None):
+        self.config, self.data = config, data
+        self.listeners = list(listeners)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = data.device
+        if self.device.type == "cuda":  # matmul precision is process-wide: set it for this run
+            torch.backends.cuda.matmul.allow_tf32 = config.precision == "tf32"
+            torch.backends.cudnn.allow_tf32 = config.precision == "tf32"
+        self.generator = torch.Generator().manual_seed(config.seed)  # weights, h0 noise, shuffling
+        self.model = PCViT(config, data.channels, data.image_size, generator=self.generator).to(self.device)
+        self.optim_w = make_weight_optimizer(self.model, config)
+        self.states = init_states(self.model, config.batch_size, config.use_noise, self.generator)
+        self.scales = layer_scales(config)
+        self.batches_per_epoch = len(data.train_images) // config.batch_size  # the last partial batch is dropped
+        if self.batches_per_epoch == 0:
+            raise ConfigError("batch_size", f"{config.batch_size} is larger than the {len(data.train_images)} "
+                                            "training images")
+        self.total_steps = config.epochs * self.batches_per_epoch  # the schedules' horizon
+        self.global_step = 0
+        self.epoch = 0  # completed epochs
+        self.result = RunResult(device=str(self.device), implementation=config.implementation)
+        self.early_best: float | None = None
+        self.early_counter = 0
+        self.milestone_reached = False
+        self.stop_request: str | None = None
+
+    # --- listener API ---------------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        """Ask the run to stop after the current callback (pruning, a budget, ...)."""
+        self.stop_request = reason
+
+    # --- one batch ------------------------------------------------------------------------------
+    def hidden_lr_at(self, t: int) -> float:
+        return hidden_lr(self.config, t, self.total_steps)
+
+    def settle(self, x: Tensor, states: States, steps: int, **kwargs: Any) -> States:
+        c = self.config
+        return settle_states(self.model, x, states, steps, self.hidden_lr_at, c.hidden_momentum, c.h_grad_clip_norm,
+                             self.scales, **kwargs)
+
+    def train_on_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Settle, one weight step, reconstruct. Returns (energy at the weight step, train MSE) as tensors."""
+        c = self.config
+        final = self.settle(x, self.states, c.inference_steps)
+        set_lr(self.optim_w, weight_lr(c, self.global_step, self.total_steps))
+        self.optim_w.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            energy = self.model.energy(x, final.top, final.hidden)  # learning is local: each weight sees its node
+            energy.backward()
+        scale_and_clip_grads(list(self.model.parameters()), len(x), c.w_grad_clip_norm)
+        self.optim_w.step()
+        self.global_step += 1
+        self.states = final
+        return energy.detach(), clipped_mse(self.model.reconstruct(final.top), x)
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def settle_and_reconstruct(self, x: Tensor, slots: int) -> Tensor:
+        """Eval inference on the first `slots` state slots, written back (the original chains them), no weight
+        step; returns the reconstruction recorded before the last of the T updates."""
+        T = self.config.eval_inference_steps
+        seen: dict[str, Tensor] = {}
+
+        def record(t: int, states: States) -> None:
+            if t == T - 1:
+                seen["xhat"] = self.model.reconstruct(states.top)
+
+        final = self.settle(x, self.states.head(slots), T, before_step=record)
+        self.states.top[:slots], self.states.hidden[:, :slots] = final.top, final.hidden
+        return seen["xhat"]
+
+    def validate(self) -> dict[str, float]:
+        """Mean over validation batches of MSE, L1 and PSNR (the original's full_* metrics)."""
+        images = self.data.test_images[: self.config.validation_subset]
+        B = self.config.batch_size
+        mses, l1s, psnrs = [], [], []
+        for start in range(0, len(images), B):
+            x = self.data.normalise(images[start:start + B])
+            xhat = self.settle_and_reconstruct(x, len(x)).clamp(0, 1)
+            mse = (xhat - x.clamp(0, 1)).square().mean()
+            mses.append(mse)
+            l1s.append((xhat - x.clamp(0, 1)).abs().mean())
+            psnrs.append(10 * torch.log10(1.0 / mse.clamp_min(1e-8)))
+        mean = lambda v: torch.stack(v).mean().item()  # noqa: E731  (GPU sync)
+        return {"val_mse": mean(mses), "val_l1": mean(l1s), "val_psnr": mean(psnrs)}
+
+    def save_reconstruction(self, epoch: int) -> Path | None:
+        """First test image repeated over the batch; leaves the states at that image's (as the original)."""
+        x = self.data.normalise(self.data.test_images[:1]).expand(self.config.batch_size, -1, -1, -1)
+        xhat = self.settle_and_reconstruct(x.contiguous(), self.config.batch_size)
+        if self.out_dir is None or not self.config.save_reconstruction_images:
+            return None
+        return save_reconstruction_grid(x[:1], x[:1], xhat[:1], self.out_dir / f"reconstruction_epoch{epoch:03d}.png")
+
+    # --- early stopping -----------------------------------------------------------------------------
+    def early_stop(self, train_mse: float) -> bool:
+        """The original's rule: improvement iff mse < best - min_delta; the first epoch counts as none."""
+        c = self.config
+        if not c.use_early_stopping:
+            return False
+        if self.early_best is None:
+            self.early_best, self.early_counter = train_mse, 1
+        elif train_mse < self.early_best - c.early_stopping_min_delta:
+            self.early_best, self.early_counter = train_mse, 0
+        else:
+            self.early_counter += 1
+        return self.early_counter >= c.early_stopping_patience
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        start = time.perf_counter()
+        wall_before = self.result.wall_time_s  # a resumed run keeps counting
+        for listener in self.listeners:
+            listener.on_start(self)
+        try:
+            while self.epoch < self.config.epochs and not self._finished():
+                self.run_epoch()
+        except KeyboardInterrupt:
+            self._stop("interrupted", "KeyboardInterrupt")
+        self.result.wall_time_s = wall_before + time.perf_counter() - start
+        for listener in self.listeners:
+            listener.on_end(self, self.result)
+        return self.result
+
+    def _finished(self) -> bool:
+        return self.result.stop_reason != "completed"
+
+    def _stop(self, reason: str, detail: str = "") -> None:
+        self.result.stop_reason, self.result.stop_detail = reason, detail
+
+    def run_epoch(self) -> None:
+        c, r = self.config, self.result
+        epoch = self.epoch + 1  # 1-based, as the original logs it
+        t0 = time.perf_counter()
+        order = torch.randperm(len(self.data.train_images), generator=self.generator).to(self.device)
+        energy_sum = torch.zeros((), device=self.device)
+        mse_sum = torch.zeros((), device=self.device)
+        n_batches = 0
+        for b in range(self.batches_per_epoch):
+            x = self.data.normalise(self.data.train_images[order[b * c.batch_size:(b + 1) * c.batch_size]])
+            energy, mse = self.train_on_batch(x)
+            energy_sum += energy
+            mse_sum += mse
+            n_batches += 1
+            if (b + 1) % c.divergence_check_every == 0 and not torch.isfinite(energy_sum + mse_sum):  # GPU sync
+                break  # NaN/inf poisons the epoch mean anyway: stop wasting batches
+            for listener in self.listeners:
+                if listener.wants_batches:
+                    listener.on_batch(self, epoch, b + 1, {"energy": energy.item(), "train_mse": mse.item()})
+        train_energy, train_mse = (energy_sum / n_batches).item(), (mse_sum / n_batches).item()  # GPU sync
+        self.epoch = epoch
+        metrics: dict[str, Any] = {
+            "epoch": epoch, "train_mse": train_mse, "train_energy": train_energy,
+            "lr_weights": weight_lr(c, (epoch - 1) * self.batches_per_epoch, self.total_steps),
+            "lr_hidden_logged": hidden_lr(c, (epoch - 1) * self.batches_per_epoch, self.total_steps),
+            "lr_hidden_max_used": max(self.hidden_lr_at(t) for t in range(c.inference_steps)),
+        }
+        r.epochs_run = epoch
+        r.final_train_mse = train_mse
+        if not (math.isfinite(train_mse) and math.isfinite(train_energy)) or not bool(self.states.is_finite()):
+            r.diverged, r.divergence_epoch = True, epoch
+            self._stop("diverged", f"non-finite train energy/MSE or states in epoch {epoch}")
+            return self._end_epoch(epoch, metrics, t0)
+        r.best_train_mse = min(r.best_train_mse, train_mse)
+        if self.early_stop(train_mse):
+            self._stop("early_stopped", f"train_mse did not improve by {c.early_stopping_min_delta} "
+                                        f"for {c.early_stopping_patience} epochs")
+            return self._end_epoch(epoch, metrics, t0)
+        milestone = not self.milestone_reached and train_mse < MILESTONE_TRAIN_MSE
+        self.milestone_reached |= milestone
+        last = epoch == c.epochs
+        if (c.validation_every_n_epochs and epoch % c.validation_every_n_epochs == 0) or last or milestone:
+            metrics.update(self.validate())
+            r.best_val_mse = min(r.best_val_mse, metrics["val_mse"])
+        if c.linear_probe_every_n_epochs and epoch % c.linear_probe_every_n_epochs == 0:
+            t_probe = time.perf_counter()
+            accuracy = probe_accuracy(self.model, self.states, self.data, c)
+            metrics["probe_accuracy"], metrics["probe_time_s"] = accuracy, time.perf_counter() - t_probe
+            r.probe_accuracies.append(accuracy)
+            r.best_probe_accuracy = max(r.best_probe_accuracy, accuracy)
+            for listener in self.listeners:
+                listener.on_probe(self, epoch, accuracy)
+            if self.stop_request is not None:
+                self._stop("stopped", self.stop_request)
+                return self._end_epoch(epoch, metrics, t0)
+        if (c.reconstruction_every_n_epochs and epoch % c.reconstruction_every_n_epochs == 0) or last or milestone:
+            path = self.save_reconstruction(epoch)
+            if path is not None:
+                r.image_paths.append(str(path))
+                for listener in self.listeners:
+                    listener.on_images(self, epoch, path)
+        self._end_epoch(epoch, metrics, t0)
+
+    def _end_epoch(self, epoch: int, metrics: dict[str, Any], t0: float) -> None:
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        self.result.history.append(metrics)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                                    for k, v in metrics.items()}) + "\n")
+        for listener in self.listeners:
+            listener.on_epoch(self, epoch, metrics)
+        if self.stop_request is not None and not self._finished():
+            self._stop("stopped", self.stop_request)
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly where it is (torch.save-able, on the CPU)."""
+        cpu = lambda t: t.detach().cpu().clone()  # noqa: E731
+        return {
+            "config": self.config.to_dict(),
+            "epoch": self.epoch, "global_step": self.global_step,
+            "model": {k: cpu(v) for k, v in self.model.state_dict().items()},
+            "optim_w": self.optim_w.state_dict(),
+            "states": {"top": cpu(self.states.top), "hidden": cpu(self.states.hidden)},
+            "generator": self.generator.get_state(),
+            "early_stopping": {"best": self.early_best, "counter": self.early_counter},
+            "milestone_reached": self.milestone_reached,
+            "result": self.result.to_dict(),
+        }
+
+    def load_checkpoint(self, ckpt: dict[str, Any]) -> None:
+        mine, theirs = self.config.to_dict(), ckpt["config"]
+        differing = sorted(k for k in mine if mine[k] != theirs.get(k) and k != "device")
+        if differing:
+            raise ConfigError(differing[0], "the checkpoint was made with a different config: "
+                              + ", ".join(f"{k}={theirs.get(k)!r} (now {mine[k]!r})" for k in differing))
+        self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
+        self.model.load_state_dict(ckpt["model"])
+        self.optim_w.load_state_dict(ckpt["optim_w"])
+        self.states = States(ckpt["states"]["top"].to(self.device), ckpt["states"]["hidden"].to(self.device))
+        self.generator.set_state(ckpt["generator"])
+        self.early_best, self.early_counter = ckpt["early_stopping"]["best"], ckpt["early_stopping"]["counter"]
+        self.milestone_reached = ckpt["milestone_reached"]
+        saved = ckpt["result"]
+        for key, value in saved.items():
+            setattr(self.result, key, float(value) if value in ("inf", "-inf", "nan") else value)
+        self.result.device, self.result.implementation = str(self.device), self.config.implementation
+
+
+def train(config: Config, data: ImageData | None = None, listeners: Iterable[Listener] = (),
+          out_dir: Path | str | None = None, resume: dict[str, Any] | None = None) -> RunResult:
+    """Train one PC-ViT as `config` says; listeners hear every epoch/probe; returns the run's result."""
+    data = data if data is not None else load_data(config)
+    run = Run(config, data, listeners, out_dir)
+    if resume is not None:
+        run.load_checkpoint(resume)
+    return run.run()
