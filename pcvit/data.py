@@ -98,7 +98,7 @@ def _load(config: Config, device: torch.device) -> ImageData:
             raise DatasetError(f"{config.dataset}: {what} asks for {want} images but the dataset has {have}")
     mean, std = NORMALISATION[config.dataset] if config.use_cifar10_norm else ((0.5,) * 3, (0.5,) * 3)
     channels = train_x.shape[1]
-    as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    as_tensor = lambda a: torch.from_numpy(np.array(a)).to(device)  # noqa: E731  (a writable copy)
     return ImageData(
         name=config.dataset,
         train_images=as_tensor(train_x[: config.train_subset]),

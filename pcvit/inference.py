@@ -52,7 +52,7 @@ def init_states(model: PCViT, batch_size: int, use_noise: bool, generator: torch
     device = model.pos_embed.device
     shape = (batch_size, model.num_patches, model.patch_dim)
     top = 0.01 * torch.randn(shape, generator=generator) if use_noise else torch.zeros(shape)
-    top = top.to(device)
+    top = top.to(device=device, dtype=model.patch_proj_w.dtype)
     hidden, _ = model.feedforward(top)
     return States(top, hidden)
 

@@ -23,13 +23,13 @@ STOP_REASONS = ("completed", "early_stopped", "diverged", "stopped", "interrupte
 class Listener:
     """Base class: override what you need. Every method is called with the live `Run`."""
 
-    wants_batches = False  # on_batch costs a GPU sync per batch; only called when True
+    wants_batches = False  # on_batch is only called when True
 
     def on_start(self, run: "Run") -> None:
         pass
 
-    def on_batch(self, run: "Run", epoch: int, batch: int, metrics: dict[str, float]) -> None:
-        pass
+    def on_batch(self, run: "Run", epoch: int, batch: int, metrics: dict[str, Any]) -> None:
+        """After every training batch; metrics are 0-d tensors (calling .item() costs a GPU sync)."""
 
     def on_epoch(self, run: "Run", epoch: int, metrics: dict[str, Any]) -> None:
         """After every epoch's bookkeeping (train metrics, validation, probe, images)."""

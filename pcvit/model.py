@@ -151,7 +151,8 @@ class PCViT(nn.Module):
             else:
                 u_blocks = self.blocks_parallel(g[:-1])
             u_s = self.project_out(g[-1])
-        return u1.float(), u_blocks.float(), u_s.float()
+        dtype = hidden.dtype  # bf16 matmuls come back to the states' precision
+        return u1.to(dtype), u_blocks.to(dtype), u_s.to(dtype)
 
     def node_energies(self, x: Tensor, h0: Tensor, hidden: Tensor) -> Tensor:
         """Per-sample energy of every node with one: (B, L+2), columns E_1..E_{L+1}, E_s.
@@ -186,8 +187,8 @@ class PCViT(nn.Module):
             zs = [self.project_top(h0)]
             for l in range(self.config.num_blocks):
                 zs.append(self.block_plain(l, self.feed_node(l, zs[-1])))
-            hidden = torch.stack(zs).float()
-            return hidden, self.project_out(self.feed_node(self.config.num_blocks, hidden[-1])).float()
+            hidden = torch.stack(zs).to(h0.dtype)
+            return hidden, self.project_out(self.feed_node(self.config.num_blocks, hidden[-1])).to(h0.dtype)
 
     def feed_node(self, i: int, z: Tensor) -> Tensor:
         """`feed` for one state, hidden index i (node i+1): (B, N, H) -> (B, N, H)."""

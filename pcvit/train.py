@@ -185,8 +185,8 @@ class Run:
             if (b + 1) % c.divergence_check_every == 0 and not torch.isfinite(energy_sum + mse_sum):  # GPU sync
                 break  # NaN/inf poisons the epoch mean anyway: stop wasting batches
             for listener in self.listeners:
-                if listener.wants_batches:
-                    listener.on_batch(self, epoch, b + 1, {"energy": energy.item(), "train_mse": mse.item()})
+                if listener.wants_batches:  # 0-d tensors: .item() is the listener's choice (a GPU sync)
+                    listener.on_batch(self, epoch, b + 1, {"energy": energy, "train_mse": mse})
         train_energy, train_mse = (energy_sum / n_batches).item(), (mse_sum / n_batches).item()  # GPU sync
         self.epoch = epoch
         metrics: dict[str, Any] = {

@@ -1,0 +1,41 @@
+import torch
+
+from pcvit.probe import fit_linear_probe, standardise
+
+from tests.core_helpers import tiny_config
+
+
+def blobs(n, dim, separation, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    centres = torch.randn(10, dim, generator=torch.Generator().manual_seed(99)) * separation
+    return centres[labels] + torch.randn(n, dim, generator=g), labels
+
+
+def test_probe_separates_linearly_separable_features():
+    config = tiny_config(linear_probe_epochs=5, linear_probe_batch_size=50, linear_probe_lr=1e-2)
+    train_x, train_y = blobs(2000, 48, separation=5.0, seed=1)
+    test_x, test_y = blobs(500, 48, separation=5.0, seed=2)
+    assert fit_linear_probe(train_x, train_y, test_x, test_y, config) > 0.97
+
+
+def test_probe_is_at_chance_on_noise():
+    config = tiny_config(linear_probe_epochs=3, linear_probe_batch_size=50)
+    g = torch.Generator().manual_seed(3)
+    accuracy = fit_linear_probe(torch.randn(2000, 48, generator=g), torch.randint(0, 10, (2000,), generator=g),
+                                torch.randn(1000, 48, generator=g), torch.randint(0, 10, (1000,), generator=g), config)
+    assert 0.05 < accuracy < 0.16
+
+
+def test_standardise_uses_training_statistics_with_ddof_0():
+    train = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
+    a, b = standardise(train, torch.tensor([[2.0, 20.0]]))
+    torch.testing.assert_close(a, torch.tensor([[-1.0, -1.0], [1.0, 1.0]]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b, torch.zeros(1, 2), rtol=0, atol=1e-6)
+
+
+def test_probe_reports_chance_for_nan_features():
+    config = tiny_config()
+    nan = torch.full((20, 4), float("nan"))
+    assert fit_linear_probe(nan, torch.zeros(20, dtype=torch.long), nan, torch.zeros(20, dtype=torch.long),
+                            config) == 0.1
