@@ -35,8 +35,12 @@ class ConsoleListener(Listener):
     wants_batches = True
     COLUMNS = ("epoch", "train_mse", "energy", "val_mse", "probe_acc", "lr_w", "lr_h_max", "time_s")
 
-    def __init__(self, stream=sys.stdout, progress: bool = True):
-        self.stream, self.progress, self.bar = stream, progress, None
+    def __init__(self, stream=None, progress: bool = True):
+        self._stream, self.progress, self.bar = stream, progress, None
+
+    @property
+    def stream(self):
+        return self._stream or sys.stdout  # looked up late, so redirected stdout (tests, notebooks) is honoured
 
     def on_start(self, run: Run) -> None:
         print(" ".join(f"{c:>10}" for c in self.COLUMNS), file=self.stream, flush=True)

@@ -1,0 +1,58 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pcvit.cli import main
+
+TINY_ARGS = ["--dataset", "synthetic", "--num-blocks", "1", "--hidden-size", "16", "--num-heads", "2",
+             "--batch-size", "8", "--train-subset", "32", "--set", "test_subset=16", "--set", "validation_subset=8",
+             "--inference-steps", "2", "--set", "linear_probe_batch_size=16", "--device", "cpu", "--no-progress"]
+
+
+def test_train_writes_summary_with_the_documented_keys(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 2\nreconstruction_every_n_epochs: 1\n")
+    summary = tmp_path / "s.json"
+    assert main(["--config", str(config), *TINY_ARGS, "--out", str(tmp_path / "out"),
+                 "--summary-json", str(summary)]) == 0
+    data = json.loads(summary.read_text())
+    for key in ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run",
+                "stop_reason", "diverged", "wall_time_s", "device"):
+        assert key in data
+    assert data["epochs_run"] == 2 and data["config"]["num_blocks"] == 1
+    assert (tmp_path / "out" / "reconstruction_epoch002.png").is_file()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("1 ", "2 "))]
+    assert len(rows) == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "hidden_size=24", "--num-heads", "5"], "num_heads"),
+    (["--set", "nonsense=1"], "nonsense"),
+    (["--set", "hidden_size"], "KEY=VALUE"),
+    (["--dataset", "imagenet"], "dataset"),
+])
+def test_bad_input_exits_2_naming_the_key(args, needle, tmp_path, capsys):
+    assert main([*TINY_ARGS, *args, "--out", str(tmp_path)]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_cleanly_and_still_writes_the_summary(tmp_path):
+    summary = tmp_path / "s.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pcvit.cli", *TINY_ARGS, "--epochs", "500", "--out",
+                             str(tmp_path), "--summary-json", str(summary)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    deadline = time.time() + 120
+    for line in proc.stdout:  # wait for the first epoch row
+        if line.strip().startswith("1 ") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    data = json.loads(summary.read_text())
+    assert data["stop_reason"] == "interrupted" and 1 <= data["epochs_run"] < 500
