@@ -1,21 +1,10 @@
 """Fixtures of the golden tests: every test runs once per implementation of the core."""
 
 import pytest
-import torch
 
 from pcvit.config import IMPLEMENTATIONS
 
 from .adapter import load_case
-
-
-@pytest.fixture(scope="package", autouse=True)
-def one_cpu_thread():
-    """The golden cases are tiny (B = 4, H = 16): intra-op threads only add overhead, and on a busy machine
-    (CI runners, parallel jobs) their spin-waiting made a block ~100x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
