@@ -177,3 +177,19 @@ def synthetic_images(n: int, seed: int, classes: int = 10, size: int = 32) -> tu
     images = np.clip(templates[labels] + brightness + noise, 0, 1)
     return (images * 255).round().astype(np.uint8), labels.astype(np.int64)
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pcvit.data [FOLDER]`: download CIFAR-10 once, before starting workers (they never download)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pcvit.data", description=main.__doc__)
+    p.add_argument("folder", nargs="?", default=CIFAR10_DIR, help=f"where to put it (default {CIFAR10_DIR})")
+    args = p.parse_args(argv)
+    train_x, _, test_x, _ = _read_cifar10(Path(args.folder), download=True)
+    print(f"CIFAR-10 ready in {args.folder}: {len(train_x)} train, {len(test_x)} test images")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
