@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DATASETS = ("cifar10", "fashion-mnist", "synthetic")
-IMPLEMENTATIONS = ("plain", "parallel")
+IMPLEMENTATIONS = ("plain", "parallel", "vjp")
 RESIDUALS = ("double", "single")
 PRECISIONS = ("float32", "tf32", "bf16")
 
@@ -102,7 +102,8 @@ class Config:
     use_adamw_for_hidden_optimizer: bool = False
 
     # --- how to compute (same maths) -----------------------------------------------------------
-    implementation: str = "parallel"  # plain: block after block; parallel: all blocks at once
+    implementation: str = "parallel"  # plain: block after block; parallel: all blocks at once;
+    #                                   vjp: parallel forward + hand-written state gradient (pcvit/fast.py)
     precision: str = "float32"  # float32 | tf32 | bf16 matmuls (states and updates stay float32)
     device: str = "auto"  # auto = cuda if available, else cpu
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .config import Config
+from .fast import energy_and_state_grads
 from .model import PCViT
 
 
@@ -67,7 +68,12 @@ def layer_scales(config: Config) -> Tensor:
 
 
 def state_grads(model: PCViT, x: Tensor, states: States) -> tuple[Tensor, Tensor, Tensor]:
-    """Total energy and its gradient w.r.t. every state (not divided by the batch size)."""
+    """Total energy and its gradient w.r.t. every state (not divided by the batch size).
+
+    Autograd through the configured forward, or, for `implementation: vjp`, the hand-written
+    vector-Jacobian product of `fast.py` (same numbers, no graph)."""
+    if model.config.implementation == "vjp":
+        return energy_and_state_grads(model, x, states.top, states.hidden)
     top = states.top.detach().requires_grad_(True)
     hidden = states.hidden.detach().requires_grad_(True)
     with torch.enable_grad():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pcvit import Listener, Run, load_data, train
+from pcvit.config import IMPLEMENTATIONS
 
 from tests.core_helpers import tiny_config
 
@@ -30,8 +31,9 @@ def test_training_lowers_the_train_mse_on_structured_images():
     assert mses[-1] < 0.8 * mses[0], mses
 
 
-def test_plain_and_parallel_agree_over_several_training_batches():
-    runs = [make_run(implementation=impl, intermediate_l1_coeff=1e-3, warmup_steps=2) for impl in ("plain", "parallel")]
+@pytest.mark.parametrize("other", [impl for impl in IMPLEMENTATIONS if impl != "plain"])
+def test_every_implementation_agrees_with_plain_over_several_training_batches(other):
+    runs = [make_run(implementation=impl, intermediate_l1_coeff=1e-3, warmup_steps=2) for impl in ("plain", other)]
     data = runs[0].data
     for b in range(3):
         x = data.normalise(data.train_images[b * 8:(b + 1) * 8])
