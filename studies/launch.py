@@ -1,0 +1,282 @@
+"""pcvit-launch: start N study workers on this machine, one or more per GPU, and wait for them.
+
+    pcvit-launch --gpus 0,1 --workers-per-gpu 2 [--log-dir DIR] -- <worker args>
+
+Each worker is its own process (`python -m objective <worker args>`, i.e. pcvit-worker), pinned
+to one GPU with CUDA_VISIBLE_DEVICES and writing to its own log, DIR/worker-gpuG-K.log. Workers
+share nothing but the study's storage, so one that dies costs only its trial. SIGTERM and SIGINT
+(and SIGHUP, as SIGTERM) are forwarded to every worker (each fails and re-queues its running trial); workers
+still alive --kill-after seconds later are killed. The launcher exits when every worker has, with
+a summary of their exit codes: 1 if any failed, else 128 + the signal if it was stopped by one, else 0.
+
+Without --gpus it uses the GPUs in CUDA_VISIBLE_DEVICES, else those `nvidia-smi -L` lists; with
+none (or --cpu-workers N) it starts CPU workers, with CUDA_VISIBLE_DEVICES="".
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_GPU_TOKEN = re.compile(r"\d+|(GPU|MIG)-[0-9A-Za-z/-]+")
+
+
+@dataclass
+class Worker:
+    name: str  # gpu0-1: the second worker on GPU 0; cpu-0: the first CPU worker
+    gpu: str  # the value of CUDA_VISIBLE_DEVICES, "" for a CPU worker
+    log_path: Path
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll() if self.process else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pcvit-launch",
+        usage="pcvit-launch [options] -- <worker args>",
+        description="Start study workers on this machine, pinned one GPU each, and wait for them.",
+    )
+    parser.add_argument("--gpus", help="comma-separated GPU indices or UUIDs (default: all visible GPUs)")
+    parser.add_argument("--workers-per-gpu", type=int, default=1, help="workers sharing each GPU (default 1)")
+    parser.add_argument("--cpu-workers", type=int, help="start this many CPU workers instead of GPU workers")
+    parser.add_argument("--log-dir", type=Path, default=Path("runs/logs"),
+                        help="one log per worker (default runs/logs)")
+    parser.add_argument(
+        "--worker-cmd", default=f"{shlex.quote(sys.executable)} -m objective",
+        help="the worker command, before the worker args (default: this Python's `-m objective`)",
+    )
+    parser.add_argument("--kill-after", type=float, default=60.0,
+                        help="seconds after a forwarded signal before workers still alive get SIGKILL")
+    parser.add_argument("--dry-run", action="store_true", help="print the workers it would start, start none")
+    return parser
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Launcher args before the first `--`, worker args after it."""
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1:]
+    return argv, []
+
+
+def parse_gpus(spec: str) -> list[str]:
+    tokens = [token.strip() for token in spec.split(",") if token.strip()]
+    bad = [token for token in tokens if not _GPU_TOKEN.fullmatch(token)]
+    if bad or not tokens:
+        raise ValueError(f"--gpus {spec!r}: expected comma-separated GPU indices or UUIDs, bad: {bad or spec!r}")
+    return tokens
+
+
+def visible_gpus() -> list[str]:
+    """GPUs this machine offers: CUDA_VISIBLE_DEVICES if set, else `nvidia-smi -L`; [] if none.
+
+    nvidia-smi rather than torch: importing torch costs seconds and the launcher needs no CUDA.
+    """
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        spec = os.environ["CUDA_VISIBLE_DEVICES"].strip()
+        return parse_gpus(spec) if spec and spec != "-1" else []
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if listing.returncode != 0:
+        return []
+    return re.findall(r"^GPU (\d+):", listing.stdout, flags=re.MULTILINE)
+
+
+def plan_workers(args: argparse.Namespace) -> list[Worker]:
+    if args.workers_per_gpu < 1:
+        raise ValueError(f"--workers-per-gpu must be at least 1, got {args.workers_per_gpu}")
+    if args.cpu_workers is not None:
+        if args.gpus:
+            raise ValueError("give either --gpus or --cpu-workers, not both")
+        if args.cpu_workers < 1:
+            raise ValueError(f"--cpu-workers must be at least 1, got {args.cpu_workers}")
+    gpus = [] if args.cpu_workers is not None else (parse_gpus(args.gpus) if args.gpus else visible_gpus())
+    if not gpus:
+        count = args.cpu_workers or 1
+        return [Worker(f"cpu-{k}", "", args.log_dir / f"worker-cpu-{k}.log") for k in range(count)]
+    return [
+        Worker(f"gpu{gpu}-{k}", gpu, args.log_dir / f"worker-gpu{gpu}-{k}.log")
+        for gpu in gpus
+        for k in range(args.workers_per_gpu)
+    ]
+
+
+def storage_url(worker_args: list[str]) -> str | None:
+    """The storage the workers will use: their --storage, else OPTUNA_STORAGE."""
+    for i, arg in enumerate(worker_args):
+        if arg == "--storage" and i + 1 < len(worker_args):
+            return worker_args[i + 1]
+        if arg.startswith("--storage="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("OPTUNA_STORAGE")
+
+
+def check_storage(worker_args: list[str], workers: int) -> None:
+    """On PostgreSQL, fail before starting anything if the server lacks connections for all workers."""
+    from storage.postgres import check_connection_budget, is_postgres_url
+
+    url = storage_url(worker_args)
+    if is_postgres_url(url):
+        check_connection_budget(url, clients=workers)
+
+
+def start(worker: Worker, command: list[str]) -> None:
+    worker.log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": worker.gpu}
+    with open(worker.log_path, "ab") as log:
+        log.write(f"--- pcvit-launch {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n".encode())
+        log.flush()
+        # A session of its own: a terminal's Ctrl-C reaches the launcher only, which forwards it
+        # once, instead of every worker getting it twice.
+        worker.process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stopped_by(code: int, signum: int | None) -> bool:
+    """Did the worker end because of the signal we forwarded (killed by it, or exit 128 + it)?"""
+    return signum is not None and code in (-signum, 128 + signum)
+
+
+def describe_exit(code: int, signum: int | None = None) -> str:
+    if stopped_by(code, signum):
+        return f"stopped by {signal.Signals(signum).name}"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+class Forwarder:
+    """While active: SIGTERM and SIGINT go on to every live worker (SIGHUP as SIGTERM: workers handle
+    TERM and INT only). Installed before the first worker starts, so none is ever orphaned."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = workers
+        self.sent: int | None = None  # the first signal forwarded
+        self.since = math.inf  # when it was forwarded (monotonic seconds)
+        self.previous: dict = {}
+
+    def __enter__(self) -> "Forwarder":
+        self.previous = {sig: signal.signal(sig, self.forward) for sig in FORWARDED_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def alive(self) -> list[Worker]:
+        return [w for w in self.workers if w.process is not None and w.returncode is None]
+
+    def forward(self, signum: int, _frame=None) -> None:
+        sent = signal.SIGTERM if signum == signal.SIGHUP else signum
+        print(f"pcvit-launch: {signal.Signals(signum).name} received, forwarding "
+              f"{signal.Signals(sent).name} to {len(self.alive())} workers", flush=True)
+        if self.sent is None:
+            self.sent, self.since = sent, time.monotonic()
+        for worker in self.alive():
+            _send(worker, sent)
+
+
+def wait_all(forwarder: Forwarder, kill_after: float) -> None:
+    """Wait for every started worker, reporting each exit; SIGKILL those alive kill_after s after a signal."""
+    reported: set[str] = set()
+    killed = False
+    while True:
+        for worker in forwarder.workers:
+            if worker.process and worker.returncode is not None and worker.name not in reported:
+                reported.add(worker.name)
+                print(f"pcvit-launch: worker {worker.name} finished: "
+                      f"{describe_exit(worker.returncode, forwarder.sent)}", flush=True)
+        if not forwarder.alive():
+            return
+        if not killed and time.monotonic() - forwarder.since > kill_after:
+            for worker in forwarder.alive():
+                print(f"pcvit-launch: worker {worker.name} still running {kill_after:g} s after the "
+                      "signal; sending SIGKILL", flush=True)
+                _send(worker, signal.SIGKILL)
+            killed = True
+        time.sleep(0.1)
+
+
+def _send(worker: Worker, signum: int) -> None:
+    try:
+        worker.process.send_signal(signum)
+    except ProcessLookupError:
+        pass  # it exited in between
+
+
+def summary(workers: list[Worker], signum: int | None) -> tuple[str, int]:
+    """One line per worker, and the launcher's exit code: 1 if any failed, 128 + signal if stopped, else 0."""
+    failed = [w for w in workers if w.returncode != 0 and not stopped_by(w.returncode, signum)]
+    lines = [f"pcvit-launch: {len(workers)} workers finished, {len(failed)} failed"]
+    for w in workers:
+        mark = "  FAILED" if w in failed else ""
+        lines.append(f"  {w.name:<12} pid {w.process.pid:<8} {describe_exit(w.returncode, signum):<20} "
+                     f"{w.log_path}{mark}")
+    code = 1 if failed else (128 + signum if signum else 0)
+    return "\n".join(lines), code
+
+
+def main(argv: list[str] | None = None) -> int:
+    own_args, worker_args = split_argv(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser()
+    args = parser.parse_args(own_args)
+    try:
+        workers = plan_workers(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    command = shlex.split(args.worker_cmd) + worker_args
+    if args.cpu_workers is None and not workers[0].gpu:
+        print("pcvit-launch: no GPU found (CUDA_VISIBLE_DEVICES, nvidia-smi -L): starting 1 CPU worker", flush=True)
+    if args.dry_run:
+        for w in workers:
+            print(f"{w.name}: CUDA_VISIBLE_DEVICES={w.gpu!r} {shlex.join(command)} > {w.log_path}")
+        return 0
+    try:
+        check_storage(worker_args, len(workers))
+    except RuntimeError as exc:  # StorageError: too few connections, or server unreachable
+        print(f"pcvit-launch: {exc}", file=sys.stderr)
+        return 2
+
+    with Forwarder(workers) as forwarder:
+        for worker in workers:
+            if forwarder.sent is not None:
+                break  # stopped while starting: start no more
+            try:
+                start(worker, command)
+            except OSError as exc:
+                print(f"pcvit-launch: cannot start worker command {command[0]!r}: {exc}", file=sys.stderr)
+                for started in forwarder.alive():  # all or none: stop the ones already running
+                    _send(started, signal.SIGTERM)
+                forwarder.since = time.monotonic()
+                wait_all(forwarder, args.kill_after)
+                return 2
+            print(f"pcvit-launch: worker {worker.name} pid {worker.process.pid} "
+                  f"CUDA_VISIBLE_DEVICES={worker.gpu!r} log {worker.log_path}", flush=True)
+        wait_all(forwarder, args.kill_after)
+    text, code = summary([w for w in workers if w.process], forwarder.sent)
+    print(text, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
