@@ -1,0 +1,257 @@
+"""Optuna objective and worker for PC-ViT studies.
+
+The objective samples a PC-ViT config from the study file's `space` with `trial.suggest_*`, trains it
+(the dataset is loaded once per worker and reused), reports the study's metric to Optuna after every
+epoch that measures it (the linear-probe accuracy for `best_probe_accuracy`), stops when the pruner says
+so, and returns the metric. Along the way it uploads reconstruction grids, the per-epoch metrics and the
+final weights as Optuna artifacts, and every `checkpoint_every_n_epochs` a checkpoint from which a
+retried trial resumes.
+
+A diverged trial (non-finite energy, MSE or states) ends PRUNED, with user attributes diverged/reason/
+epoch: divergence is a bad outcome of its parameters, like a pruned loser, and samplers that learn from
+pruned trials (TPE) then avoid the region; FAIL is kept for broken infrastructure (crash, OOM), which is
+what retries and `optuna trials` FAIL counts are about.
+
+    python objective.py --study-file studies/smoke.yaml                        # SQLite under storage/
+    python objective.py --storage URL --study-name NAME --study-file FILE [--n-trials N]
+
+Installed as `pcvit-worker`. The storage URL may also come from $OPTUNA_STORAGE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import os
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.artifacts.exceptions import ArtifactNotFound
+
+import storage
+from pcvit import Config, DatasetError, Listener, RunResult, load_data, train
+from storage import recovery, retry_db
+from studies.search import build_pruner, build_sampler, new_sampler_seed
+from studies.spec import METRICS, StudyFileError, StudySpec, load_spec
+from studies.worker import join_study, open_existing_study, run_worker
+
+log = logging.getLogger("pcvit.objective")
+RESULT_ATTRS = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run",
+                "stop_reason", "stop_detail", "diverged", "divergence_epoch", "wall_time_s", "device",
+                "implementation")
+
+
+def suggest_config(trial: optuna.Trial | optuna.trial.FixedTrial, spec: StudySpec) -> dict[str, Any]:
+    """The config values of one trial: fixed settings plus one suggestion per `space` parameter."""
+    values = {}
+    for name, p in spec.space.items():
+        if p["type"] == "categorical":
+            values[name] = trial.suggest_categorical(name, p["choices"])
+        elif p["type"] == "zero_or_log":  # 0 has probability 1/2; otherwise log-uniform in [low, high]
+            zero = trial.suggest_categorical(f"{name}_is_zero", [True, False])
+            values[name] = 0.0 if zero else trial.suggest_float(name, p["low"], p["high"], log=True)
+        elif p["type"] == "int":
+            values[name] = trial.suggest_int(name, p["low"], p["high"], step=p.get("step", 1), log=p.get("log", False))
+        else:
+            values[name] = trial.suggest_float(name, p["low"], p["high"], step=p.get("step"), log=p.get("log", False))
+    return spec.config_dict(values)
+
+
+class OptunaListener(Listener):
+    """Reports the metric, prunes, uploads images, and checkpoints the run for a retry to resume from."""
+
+    def __init__(self, trial: optuna.Trial, spec: StudySpec, store: Any):
+        self.trial, self.spec, self.store = trial, spec, store
+        self.report_key = METRICS[spec.metric]
+        self.reported = set(trial.storage.get_trial(trial._trial_id).intermediate_values)  # a retry's earlier
+        self.checkpoint_id = trial.user_attrs.get(recovery.CHECKPOINT_ID)
+        self.run = None
+
+    def on_start(self, run: Any) -> None:
+        self.run = run
+
+    def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
+        value = metrics.get(self.report_key)
+        if value is not None and epoch not in self.reported:
+            retry_db(self.trial.report, value, epoch)
+            self.reported.add(epoch)
+            if retry_db(self.trial.should_prune):
+                run.request_stop("pruned")
+        every = self.spec.checkpoint_every_n_epochs
+        ongoing = run.stop_request is None and run.result.stop_reason == "completed" and epoch < run.config.epochs
+        if every and ongoing and epoch % every == 0:
+            self.save_checkpoint(run.checkpoint(), epoch)
+
+    def on_images(self, run: Any, epoch: int, path: Path) -> None:
+        self.upload(path)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
+        new_id = recovery.save_checkpoint(self.store, checkpoint)
+        retry_db(self.trial.set_user_attr, recovery.CHECKPOINT_ID, new_id)
+        retry_db(self.trial.set_user_attr, recovery.CHECKPOINT_EPOCH, epoch)
+        recovery.remove_checkpoint(self.store, self.checkpoint_id)  # only the latest is ever needed
+        self.checkpoint_id = new_id
+
+    def upload(self, path: Path) -> None:
+        mimetype = {".png": "image/png", ".jsonl": "text/plain"}.get(path.suffix, "application/octet-stream")
+        retry_db(optuna.artifacts.upload_artifact, artifact_store=self.store, file_path=str(path),
+                 study_or_trial=self.trial, mimetype=mimetype)
+
+    def drop_checkpoint(self) -> None:
+        """The trial is over: forget its checkpoint (attribute first, so a crash in between restarts cleanly)."""
+        if self.checkpoint_id:
+            retry_db(self.trial.set_user_attr, recovery.CHECKPOINT_ID, None)
+            recovery.remove_checkpoint(self.store, self.checkpoint_id)
+            self.checkpoint_id = None
+
+
+def objective(trial: optuna.Trial, spec: StudySpec, store: Any, wandb_project: str | None = None) -> float:
+    """Sample a config, train it (resuming a retried trial from its checkpoint), record, prune or return."""
+    values = suggest_config(trial, spec)
+    seed = values.get("seed", trial.user_attrs.get("seed", secrets.randbelow(2**31)))  # the file's, or per trial
+    config = Config.from_dict({**values, "seed": seed})
+    trial.set_user_attr("seed", config.seed)
+    resume = None
+    if trial.user_attrs.get(recovery.CHECKPOINT_ID):
+        try:
+            resume = recovery.load_checkpoint(store, trial.user_attrs[recovery.CHECKPOINT_ID])
+            trial.set_user_attr("resumed_after_epoch", resume["epoch"])
+            log.info("trial %d resumes after epoch %d", trial.number, resume["epoch"])
+        except (OSError, ArtifactNotFound) as exc:
+            log.warning("trial %d: checkpoint unreadable (%s); starting from epoch 0", trial.number, exc)
+    listeners: list[Listener] = [optuna_listener := OptunaListener(trial, spec, store)]
+    if wandb_project:
+        from studies.wandb_log import WandbListener
+
+        listeners.append(WandbListener(trial, wandb_project))
+    with tempfile.TemporaryDirectory(prefix=f"pcvit-trial{trial.number}-") as out_dir:
+        try:
+            result = train(config, data=load_data(config), listeners=listeners, out_dir=out_dir, resume=resume)
+        finally:
+            for listener in listeners[1:]:
+                listener.close()  # W&B: marks the run failed if training did not return
+        record_result(trial, result)
+        metrics_path = Path(out_dir) / "metrics.jsonl"  # rewritten from the history: a resumed run's is complete
+        metrics_path.write_text("".join(json.dumps({k: _finite_or_text(v) for k, v in h.items()}) + "\n"
+                                        for h in result.history))
+        optuna_listener.upload(metrics_path)
+        if not result.diverged:
+            weights = Path(out_dir) / "final_weights.pt"
+            torch.save(optuna_listener.run.model.state_dict(), weights)
+            optuna_listener.upload(weights)
+    optuna_listener.drop_checkpoint()  # finished: no retry will need it
+    if result.diverged:
+        raise optuna.TrialPruned(f"diverged in epoch {result.divergence_epoch}: {result.stop_detail}")
+    if result.stop_detail == "pruned":
+        raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
+    return float(getattr(result, spec.metric))
+
+
+def record_result(trial: optuna.Trial, result: RunResult) -> None:
+    """The per-trial record: the run's summary, divergence, and the versions that produced it."""
+    summary = result.to_dict()  # non-finite numbers as "inf"/"nan" strings: JSON (and the dashboard) can read them
+    for key in RESULT_ATTRS:
+        retry_db(trial.set_user_attr, key, summary[key])
+    if result.diverged:
+        retry_db(trial.set_user_attr, "reason", result.stop_detail)
+        retry_db(trial.set_user_attr, "epoch", result.divergence_epoch)
+    retry_db(trial.set_user_attr, "versions", package_versions())
+
+
+def _finite_or_text(value: Any) -> Any:
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@functools.lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    """Python, torch, CUDA, optuna, numpy and the code's commit ($PCVIT_CODE_VERSION in images without git)."""
+    import platform
+    import subprocess
+
+    import numpy
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "optuna": optuna.__version__,
+                "numpy": numpy.__version__, "cuda": str(torch.version.cuda)}
+    code = os.environ.get("PCVIT_CODE_VERSION")
+    if not code:
+        try:
+            here = Path(__file__).resolve().parent
+            code = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"],
+                                  capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            code = ""
+    versions["code"] = code or "unknown"
+    return versions
+
+
+def load_trial_config(storage_url: str, study_name: str, trial_number: int) -> dict[str, Any]:
+    """The exact config of trial `trial_number` (for `pcvit-train --from-trial`): fixed + its params + its seed."""
+    study, spec = open_existing_study(storage_url, study_name)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number == trial_number]
+    if not trials:
+        raise StudyFileError(f"study {study_name!r} has no trial {trial_number}")
+    values = suggest_config(optuna.trial.FixedTrial(trials[0].params), spec)
+    return {**values, "seed": trials[0].user_attrs.get("seed", values.get("seed", Config.seed))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pcvit-worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--storage", help=f"storage URL (default: ${storage.URL_ENV} or {storage.DEFAULT_URL})")
+    parser.add_argument("--study-name", help="the study (default: the file's name)")
+    parser.add_argument("--study-file", required=True, help="the study file (YAML), e.g. studies/pcvit-12block.yaml")
+    parser.add_argument("--n-trials", type=int, help="run at most this many trials in this worker")
+    parser.add_argument("--artifact-dir", help=f"artifact folder (default: ${storage.ARTIFACT_DIR_ENV} "
+                                               f"or {storage.DEFAULT_ARTIFACT_DIR})")
+    parser.add_argument("--wandb", metavar="PROJECT", help="also log every trial as a W&B run in PROJECT "
+                                                         "(offline unless WANDB_API_KEY is set)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage.resolve_url(args.storage)
+    try:
+        spec = load_spec(args.study_file)
+        base = Config.from_dict(suggest_config(optuna.trial.FixedTrial(_first_values(spec)), spec))
+        load_data(base)  # a missing dataset fails here, before the storage is touched (and stays cached)
+        sampler_seed = new_sampler_seed()
+        db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period, recovery.retry_stale_trial,
+                                  check_budget=True)
+        study = join_study(db, url, args.study_name or spec.name, spec, build_sampler(spec, sampler_seed),
+                           build_pruner(spec))
+    except (StudyFileError, storage.StorageError, DatasetError) as exc:
+        print(f"pcvit-worker: error: {exc}", file=sys.stderr)
+        return 2
+    store = storage.artifact_store(args.artifact_dir)
+    log.info("worker joins study %r in %s (sampler seed %d)", study.study_name, storage.mask_password(url),
+             sampler_seed)
+
+    def run_objective(trial: optuna.Trial) -> float:
+        if "sampler_seed" not in trial.user_attrs:  # a retry keeps the seed that sampled its params
+            trial.set_user_attr("sampler_seed", sampler_seed)
+        return objective(trial, spec, store, args.wandb)
+
+    return run_worker(study, spec, run_objective, args.n_trials)
+
+
+def _first_values(spec: StudySpec) -> dict[str, Any]:
+    """Params of a representative trial (each parameter at its low end) for the start-up data check."""
+    params: dict[str, Any] = {}
+    for name, p in spec.space.items():
+        if p["type"] == "categorical":
+            params[name] = p["choices"][0]
+        elif p["type"] == "zero_or_log":
+            params[f"{name}_is_zero"] = True
+        else:
+            params[name] = p["low"]
+    return params
+
+
+if __name__ == "__main__":
+    sys.exit(main())

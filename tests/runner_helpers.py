@@ -1,0 +1,114 @@
+"""Shared pieces of the runner tests: a tiny study file, and workers started as real processes.
+
+The tiny study trains a 1-block, width-8 PC-ViT on 100 synthetic images: about a second per trial on
+one CPU thread. Workers run as `sys.executable objective.py ...` with one torch thread each, so several
+of them share two cores without thrashing.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import optuna
+import pytest
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+TINY_FIXED = {
+    "dataset": "synthetic", "num_blocks": 1, "hidden_size": 8, "batch_size": 50, "train_subset": 100,
+    "test_subset": 50, "validation_subset": 50, "epochs": 3, "inference_steps": 2, "eval_inference_steps": 2,
+    "validation_every_n_epochs": 3, "reconstruction_every_n_epochs": 3, "linear_probe_every_n_epochs": 1,
+    "linear_probe_epochs": 2, "linear_probe_lr": 0.01, "linear_probe_batch_size": 50,
+    "linear_probe_vode_indices": "0 1 2", "seed": 10, "device": "cpu",
+}
+TINY_SPACE = {
+    "peak_lr_hidden": {"type": "float", "low": 0.05, "high": 0.11},
+    "peak_lr_weights": {"type": "float", "low": 0.0005, "high": 0.003, "log": True},
+    "hidden_momentum": {"type": "float", "low": 0.3, "high": 0.5},
+}
+
+
+def tiny_study(folder: pathlib.Path, name: str = "tiny", fixed: dict | None = None, space: dict | None = None,
+               **top: Any) -> pathlib.Path:
+    """Write a tiny study file into `folder`; keyword arguments override top-level keys."""
+    space = space if space is not None else TINY_SPACE
+    fixed = {k: v for k, v in {**TINY_FIXED, **(fixed or {})}.items() if k not in space}
+    document = {
+        "name": name, "direction": "maximize", "metric": "best_probe_accuracy", "sampler": {"type": "random"},
+        "pruner": {"type": "none"}, "n_trials": 3, "max_retries": 2, "checkpoint_every_n_epochs": 1,
+        "heartbeat_interval": 1, "grace_period": 4,
+        "fixed": fixed, "space": space, **top,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+    env.pop("OPTUNA_STORAGE", None)
+    return env
+
+
+def start_worker(url: str, study_file: pathlib.Path, artifacts: pathlib.Path, log: pathlib.Path,
+                 *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A real worker process: `python objective.py --storage URL --study-file FILE ...`, output to `log`."""
+    command = [sys.executable, str(REPO / "objective.py"), "--storage", url, "--study-file", str(study_file),
+               "--artifact-dir", str(artifacts), *extra]
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env or worker_env(), cwd=REPO)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def finish(process: subprocess.Popen, timeout: float, log: pathlib.Path) -> int:
+    """Wait for a worker; on timeout kill it and fail with its log."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        raise AssertionError(f"worker did not finish in {timeout} s:\n{log.read_text()[-4000:]}") from None
+
+
+def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials; none while no worker has created the study yet."""
+    import storage
+
+    try:
+        return optuna.load_study(study_name=name, storage=storage.open_storage(url)).get_trials()
+    except KeyError:
+        return []
+
+
+def running_trial_with_checkpoint(url: str, name: str, min_epoch: int = 1) -> optuna.trial.FrozenTrial | None:
+    for t in trials(url, name):
+        if t.state == optuna.trial.TrialState.RUNNING and (t.user_attrs.get("checkpoint_epoch") or 0) >= min_epoch:
+            return t
+    return None
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one torch thread: fast on two cores, deterministic for replay checks."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,208 @@
+"""The objective and the worker end to end on real storages: sampling, reporting, pruning, divergence,
+the per-trial record, artifacts, the study-wide budget, and Optuna's own CLI on our studies."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import objective
+import storage
+from pcvit import Config, train
+from studies.spec import load_spec
+from studies.worker import run_worker
+from tests.runner_helpers import (TINY_FIXED, finish, one_thread, start_worker, tiny_study, trials,  # noqa: F401
+                                  worker_env)
+
+OPTUNA_CLI = str(pathlib.Path(sys.executable).parent / "optuna")
+RECORD = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run", "stop_reason",
+          "diverged", "wall_time_s", "device", "implementation", "versions", "seed", "sampler_seed", "worker")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run_main(url, study_file, artifacts, *extra):
+    return objective.main(["--storage", url, "--study-file", str(study_file), "--artifact-dir", str(artifacts),
+                           *extra])
+
+
+def load(url, name="tiny"):
+    return optuna.load_study(study_name=name, storage=storage.open_storage(url))
+
+
+def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
+    url, art = f"sqlite:///{tmp_path}/s.db", tmp_path / "art"
+    study_file = tiny_study(tmp_path, n_trials=2)
+    assert run_main(url, study_file, art) == 0
+    study = load(url)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert study.user_attrs["study_spec"]["n_trials"] == 2 and "name: tiny" in study.user_attrs["study_file"]
+    done = study.get_trials()
+    assert [t.state for t in done] == [TrialState.COMPLETE] * 2
+    for t in done:
+        assert set(t.params) == {"peak_lr_hidden", "peak_lr_weights", "hidden_momentum"}
+        assert 0.05 <= t.params["peak_lr_hidden"] <= 0.11
+        assert list(t.intermediate_values) == [1, 2, 3]  # one report per probe, every epoch
+        assert t.value == max(t.intermediate_values.values()) == t.user_attrs["best_probe_accuracy"]
+        assert set(RECORD) <= set(t.user_attrs) and t.user_attrs["epochs_run"] == 3
+        assert {"torch", "optuna", "python", "code"} <= set(t.user_attrs["versions"])
+        assert t.user_attrs["seed"] == 10 and t.user_attrs["checkpoint_artifact_id"] is None
+        names = {m.filename: m for m in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)}
+        assert {"reconstruction_epoch003.png", "metrics.jsonl", "final_weights.pt"} <= set(names)
+        lines = (art / names["metrics.jsonl"].artifact_id).read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+        assert (art / names["reconstruction_epoch003.png"].artifact_id).read_bytes()[:4] == b"\x89PNG"
+    assert not list(art.glob("checkpoint-*"))  # finished trials leave no checkpoint behind
+    assert len({t.params["peak_lr_hidden"] for t in done}) == 2
+
+    # the budget is spent: a second worker leaves at once, and a trial replays exactly from the storage
+    assert run_main(url, study_file, art) == 0 and len(load(url).trials) == 2
+    config = objective.load_trial_config(url, "tiny", 1)
+    assert config["peak_lr_hidden"] == done[1].params["peak_lr_hidden"] and config["seed"] == 10
+    replay = train(Config.from_dict(config))
+    assert replay.probe_accuracies == list(done[1].intermediate_values.values())
+
+
+def test_worker_joins_a_study_made_by_optuna_create_study(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    env = worker_env()
+    subprocess.run([OPTUNA_CLI, "create-study", "--storage", url, "--study-name", "tiny", "--direction",
+                    "maximize"], check=True, env=env, capture_output=True)
+    assert run_main(url, tiny_study(tmp_path, n_trials=1), tmp_path / "art") == 0
+    shown = subprocess.run([OPTUNA_CLI, "trials", "--storage", url, "--study-name", "tiny", "-f", "json"],
+                           check=True, env=env, capture_output=True, text=True).stdout
+    assert json.loads(shown)[0]["state"] == "COMPLETE"
+    best = subprocess.run([OPTUNA_CLI, "best-trial", "--storage", url, "--study-name", "tiny", "-f", "json"],
+                          check=True, env=env, capture_output=True, text=True).stdout
+    assert json.loads(best)["number"] == 0
+
+
+def test_worker_refuses_a_study_made_for_the_other_direction(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/s.db"
+    subprocess.run([OPTUNA_CLI, "create-study", "--storage", url, "--study-name", "tiny", "--direction",
+                    "minimize"], check=True, env=worker_env(), capture_output=True)
+    assert run_main(url, tiny_study(tmp_path), tmp_path / "art") == 2
+    assert "direction" in capsys.readouterr().err and load(url).user_attrs == {}
+
+
+def test_worker_with_a_different_study_file_refuses_with_a_diff_and_changes_nothing(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert run_main(url, tiny_study(tmp_path, n_trials=1), tmp_path / "art") == 0
+    before = load(url)
+    changed = tiny_study(tmp_path, n_trials=5, fixed={"epochs": 4})
+    assert run_main(url, changed, tmp_path / "art") == 2
+    err = capsys.readouterr().err
+    assert "n_trials: stored 1, this file 5" in err and "fixed.epochs: stored 3, this file 4" in err
+    after = load(url)
+    assert len(after.trials) == len(before.trials) and after.user_attrs == before.user_attrs
+
+
+def test_pruner_stops_a_clearly_bad_trial_and_keeps_a_good_one(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    good, bad = {"linear_probe_lr": 0.1}, {"linear_probe_lr": 1e-7}
+    study_file = tiny_study(
+        tmp_path, n_trials=4, pruner={"type": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
+        fixed={"epochs": 4, "train_subset": 200, "test_subset": 100, "linear_probe_epochs": 5},
+        space={"linear_probe_lr": {"type": "float", "low": 1e-7, "high": 0.1, "log": True}})
+    study = optuna.create_study(study_name="tiny", storage=storage.open_storage(url), direction="maximize")
+    for params in (good, good, bad, good):
+        study.enqueue_trial(params)
+    assert run_main(url, study_file, tmp_path / "art") == 0
+    states = [t.state for t in load(url).trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    pruned = load(url).trials[2]
+    assert len(pruned.intermediate_values) < 4 and pruned.user_attrs["stop_detail"] == "pruned"
+
+
+def test_diverged_trial_is_pruned_with_its_reason_and_the_worker_goes_on(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_file = tiny_study(tmp_path, n_trials=2, fixed={"h_grad_clip_norm": 1e30},
+                            space={"peak_lr_hidden": {"type": "float", "low": 0.05, "high": 1000.0, "log": True}})
+    study = optuna.create_study(study_name="tiny", storage=storage.open_storage(url), direction="maximize")
+    study.enqueue_trial({"peak_lr_hidden": 1000.0})
+    study.enqueue_trial({"peak_lr_hidden": 0.08})
+    assert run_main(url, study_file, tmp_path / "art") == 0
+    diverged, fine = load(url).trials
+    assert diverged.state == TrialState.PRUNED and fine.state == TrialState.COMPLETE
+    assert diverged.user_attrs["diverged"] is True
+    assert 1 <= diverged.user_attrs["epoch"] == diverged.user_attrs["divergence_epoch"] <= 3
+    assert "non-finite" in diverged.user_attrs["reason"] and diverged.user_attrs["stop_reason"] == "diverged"
+    assert fine.user_attrs["diverged"] is False
+
+
+def test_out_of_memory_fails_the_trial_with_its_reason_and_the_worker_goes_on(tmp_path):
+    spec = load_spec(tiny_study(tmp_path, n_trials=3))
+    study = optuna.create_study(study_name="tiny", storage=storage.open_storage(f"sqlite:///{tmp_path}/s.db"),
+                                direction="maximize")
+
+    def objective_that_runs_out_of_memory_once(trial):
+        if trial.number == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return 0.5
+
+    assert run_worker(study, spec, objective_that_runs_out_of_memory_once) == 0
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[1].user_attrs["fail_reason"].startswith("CUDA out of memory")
+
+
+def test_repeated_errors_stop_the_worker(tmp_path):
+    spec = load_spec(tiny_study(tmp_path, n_trials=10))
+    study = optuna.create_study(study_name="tiny", storage=storage.open_storage(f"sqlite:///{tmp_path}/s.db"))
+
+    def broken(trial):
+        raise ValueError("bug")
+
+    assert run_worker(study, spec, broken) == 1
+    assert [t.user_attrs["fail_reason"] for t in study.trials] == ["ValueError: bug"] * 3
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_journal_file_within_the_budget(tmp_path):
+    url = f"journal:///{tmp_path}/study.journal"
+    study_file = tiny_study(tmp_path, n_trials=5, fixed={"epochs": 1})
+    logs = [tmp_path / f"w{i}.log" for i in range(2)]
+    workers = [start_worker(url, study_file, tmp_path / "art", log, "--n-trials", "3") for log in logs]
+    for worker, log in zip(workers, logs):
+        assert finish(worker, 300, log) == 0, log.read_text()[-3000:]
+    done = trials(url, "tiny")
+    trained = [t for t in done if not t.system_attrs.get("pcvit:surplus")]
+    assert len(trained) == 5 and all(t.state == TrialState.COMPLETE for t in trained)
+    assert all(t.state == TrialState.FAIL and "epochs_run" not in t.user_attrs for t in done if t not in trained)
+    assert len({json.dumps(t.params, sort_keys=True) for t in trained}) == 5
+    assert len({t.user_attrs["worker"] for t in trained}) == 2  # 3 trials at most each: both took part
+    assert len({t.user_attrs["sampler_seed"] for t in trained}) == 2  # each with its own sampler seed
+
+
+def test_budget_check_after_ask_fails_surplus_trials(tmp_path):
+    """Two workers counted 1 of 2 trials and asked at once: the one ranked beyond the budget trains nothing."""
+    from studies.worker import next_trial
+
+    spec = load_spec(tiny_study(tmp_path, n_trials=2))
+    study = optuna.create_study(study_name="tiny", storage=storage.open_storage(f"sqlite:///{tmp_path}/s.db"))
+    study.ask()
+    ask = study.ask
+
+    def another_worker_asks_first(*args, **kwargs):
+        ask()
+        return ask(*args, **kwargs)
+
+    study.ask = another_worker_asks_first
+    assert next_trial(study, spec) is None
+    surplus = study.trials[2]
+    assert surplus.state == TrialState.FAIL and surplus.system_attrs["pcvit:surplus"] is True
+    assert "surplus" in surplus.user_attrs["fail_reason"]
+    study.ask = ask
+    assert next_trial(study, spec) is None and len(study.trials) == 3  # the count now stops it before asking
+
+
+def test_tiny_study_fixed_settings_are_a_valid_config():
+    Config.from_dict(TINY_FIXED)
