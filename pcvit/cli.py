@@ -105,7 +105,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
         from objective import load_trial_config  # the runner layer; only imported when asked for
 
         storage, study, number = args.from_trial
-        values.update(load_trial_config(storage, study, int(number)))
+        try:
+            values.update(load_trial_config(storage, study, int(number)))
+        except (ValueError, RuntimeError) as exc:  # the runner's StudyFileError / StorageError: bad input
+            raise ConfigError("--from-trial", str(exc)) from None
     for name in SUGAR:
         if getattr(args, "sugar_" + name) is not None:
             values[name] = getattr(args, "sugar_" + name)

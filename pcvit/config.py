@@ -100,6 +100,7 @@ class Config:
     use_status_init_in_unmasking: bool = False
     use_vode_grad_norm: bool = False
     use_adamw_for_hidden_optimizer: bool = False
+    reinitialize_model_for_each_epoch: bool = False
 
     # --- how to compute (same maths) -----------------------------------------------------------
     implementation: str = "parallel"  # plain: block after block; parallel: all blocks at once;
@@ -247,6 +248,7 @@ def _validate(c: Config) -> None:
              f"node {i} is out of range: probe nodes are 0..{c.num_blocks + 1} for {c.num_blocks} blocks "
              "(0 = top latent; the sensory node is the image itself)")
     for name in ("use_ssl_augmentations", "update_weights_every_inference_step", "use_status_init_in_training",
-                 "use_status_init_in_unmasking", "use_vode_grad_norm", "use_adamw_for_hidden_optimizer"):
+                 "use_status_init_in_unmasking", "use_vode_grad_norm", "use_adamw_for_hidden_optimizer",
+                 "reinitialize_model_for_each_epoch"):
         need(getattr(c, name) is False, name,
              "only false is implemented (the value the original 12-block sweep ran with)")

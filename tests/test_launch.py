@@ -27,7 +27,8 @@ def on_signal(signum, frame):
     sys.exit(128 + signum)
 for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, signal.SIG_IGN if opts.get("--ignore-signals") else on_signal)
-print("env", json.dumps({"gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "args": args, "pid": os.getpid()}), flush=True)
+print("env", json.dumps({"gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "args": args, "pid": os.getpid(),
+                         "threads": os.environ.get("OMP_NUM_THREADS")}), flush=True)
 if os.environ.get("CUDA_VISIBLE_DEVICES") == opts.get("--fail-on-gpu"):
     sys.exit(3)
 time.sleep(float(opts.get("--sleep", "0")))
@@ -63,10 +64,18 @@ def test_pins_each_worker_to_its_gpu_with_its_own_log(tmp_path, fake_worker):
     assert len({env["pid"] for env in envs.values()}) == 4
 
 
-def test_cpu_workers_see_no_gpu(tmp_path, fake_worker):
+def test_cpu_workers_see_no_gpu_and_share_the_cores(tmp_path, fake_worker, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert launch.main(launcher_args(tmp_path, fake_worker, "--cpu-workers", "2")) == 0
     for k in range(2):
-        assert reported_env(tmp_path / "logs" / f"worker-cpu-{k}.log")["gpu"] == ""
+        env = reported_env(tmp_path / "logs" / f"worker-cpu-{k}.log")
+        assert env["gpu"] == "" and env["threads"] == str(max(1, os.cpu_count() // 2))
+
+
+def test_the_users_thread_setting_wins(tmp_path, fake_worker, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    assert launch.main(launcher_args(tmp_path, fake_worker, "--cpu-workers", "3")) == 0
+    assert reported_env(tmp_path / "logs" / "worker-cpu-0.log")["threads"] == "7"
 
 
 def fake_nvidia_smi(tmp_path, monkeypatch, script: str) -> None:
