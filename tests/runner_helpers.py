@@ -96,6 +96,17 @@ def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
         return []
 
 
+def run_workers_to_the_end(url: str, study_file: pathlib.Path, folder: pathlib.Path, workers: int,
+                           trials_each: int) -> tuple[list[optuna.trial.FrozenTrial], list[optuna.trial.FrozenTrial]]:
+    """Start `workers` worker processes on one study, wait until each exits 0; (all trials, trained trials)."""
+    logs = [folder / f"w{i}.log" for i in range(workers)]
+    procs = [start_worker(url, study_file, folder / "art", log, "--n-trials", str(trials_each)) for log in logs]
+    for proc, log in zip(procs, logs):
+        assert finish(proc, 300, log) == 0, log.read_text()[-3000:]
+    done = trials(url, yaml.safe_load(study_file.read_text())["name"])
+    return done, [t for t in done if not t.system_attrs.get("pcvit:surplus")]
+
+
 def running_trial_with_checkpoint(url: str, name: str, min_epoch: int = 1) -> optuna.trial.FrozenTrial | None:
     for t in trials(url, name):
         if t.state == optuna.trial.TrialState.RUNNING and (t.user_attrs.get("checkpoint_epoch") or 0) >= min_epoch:

@@ -10,9 +10,10 @@ import os
 import pytest
 import torch
 
+import pcvit.fast as fast
 import pcvit.inference as inference
 from pcvit.config import IMPLEMENTATIONS, Config
-from pcvit.fast import energy_and_state_grads, resolve_attention
+from pcvit.fast import energy_and_state_grads, resolve_attention, settle_states_inplace
 from pcvit.inference import States, layer_scales, settle_states, state_grads
 from pcvit.model import PCViT
 
@@ -102,7 +103,7 @@ def test_regulariser_uses_the_state_not_the_prediction():
 def test_vjp_matches_finite_differences_in_float64(attention):
     """Directional derivatives of the vjp's own energy, float64, on a tiny model (independent of autograd)."""
     if DEVICE.type == "cuda" and attention == "fused":
-        pytest.skip("the CUDA fused attention kernel has no float64")
+        pytest.skip("the CUDA fused attention kernel has no float64 (auto falls back to math there)")
     model, x, top, hidden = make_case(geometry="fmnist", batch=2, dtype=torch.float64, num_blocks=2, hidden_size=8,
                                       num_heads=2, residual="single", use_vode_state_layernorm=True,
                                       intermediate_l1_coeff=1e-2, intermediate_l2_coeff=1e-2)
@@ -139,12 +140,14 @@ def test_attention_choice():
     assert resolve_attention("math", torch.device("cuda"), 4, 32, "float32") == "math"
     assert resolve_attention("auto", torch.device("cpu"), 4, 4, "float32") in ("math", "fused")
     assert resolve_attention("auto", torch.device("cuda"), 4, 2, "float32") == "math"  # misaligned for the kernel
+    assert resolve_attention("auto", torch.device("cuda"), 2, 8, "float32", torch.float64) == "math"  # no float64
+    assert resolve_attention("auto", torch.device("cuda"), 2, 8, "float32") == "fused"
     with pytest.raises(ValueError, match="attention"):
         resolve_attention("flash", torch.device("cpu"), 1, 8, "float32")
 
 
 def test_settled_states_match_the_parallel_implementation(monkeypatch):
-    """T inference steps (clip, momentum, layer scaling) with vjp gradients give the parallel implementation's states."""
+    """T inference steps (clip, momentum, layer scaling) with vjp gradients give the parallel one's states."""
     model, x, top, hidden = make_case(batch=3, num_blocks=3, hidden_size=16, num_heads=2,
                                       intermediate_l1_coeff=1e-3, intermediate_l2_coeff=1e-3, h_grad_clip_norm=50.0)
     c = model.config
@@ -159,3 +162,34 @@ def test_settled_states_match_the_parallel_implementation(monkeypatch):
     fast = settle()
     assert_close(fast.top, reference.top, 1e-5, "settled h0")
     assert_close(fast.hidden, reference.hidden, 1e-5, "settled hidden")
+
+
+def test_inplace_settle_matches_settle_states(monkeypatch):
+    """The in-place step (one global clip, momentum from zero buffers, lr schedule) reproduces settle_states."""
+    model, x, top, hidden = make_case(batch=3, num_blocks=2, hidden_size=16, num_heads=2, residual="single",
+                                      intermediate_l1_coeff=1e-3, h_grad_clip_norm=310.0)
+    c = model.config
+    lr_at = lambda t: 0.02 + 0.01 * t  # noqa: E731
+    args = (5, lr_at, c.hidden_momentum, c.h_grad_clip_norm, layer_scales(c))
+    reference = settle_states(model, x, States(top, hidden), *args)  # autograd, parallel
+    records = []
+    monkeypatch.setattr(inference, "state_grads", lambda m, x_, s: energy_and_state_grads(m, x_, s.top, s.hidden))
+    vjp_reference = settle_states(model, x, States(top, hidden), *args, record=records)
+    assert any(bool(r.clipped) for r in records) and not all(bool(r.clipped) for r in records), "clip not exercised"
+    fast = settle_states_inplace(model, x, States(top, hidden), *args)
+    assert_close(fast.top, vjp_reference.top, 1e-6, "h0 vs settle_states(vjp)")
+    assert_close(fast.hidden, vjp_reference.hidden, 1e-6, "hidden vs settle_states(vjp)")
+    assert_close(fast.hidden, reference.hidden, 1e-5, "hidden vs settle_states(autograd)")
+    assert not torch.equal(fast.hidden, hidden), "the states did not move"
+
+
+def test_qkv_grad_product_for_both_grad_layouts():
+    """d(qkv) @ W^T is the same whether the grads come as (LB, N, nh, d) (fused kernels) or (LB, nh, N, d)."""
+    packed = torch.randn(6, 16, 3, 2, 4, device=DEVICE)  # (LB, N, 3, nh, d); L = 2, B = 3, BN = 48, H = 8
+    w_t = torch.randn(2, 24, 8, device=DEVICE)
+    expected = torch.bmm(packed.reshape(2, 48, 24), w_t)
+    grads = packed.permute(2, 0, 3, 1, 4)  # each (LB, nh, N, d), views of the packed tensor
+    products = fast._Products("float32")
+    for layout in ([t.transpose(1, 2).contiguous().transpose(1, 2) for t in grads],  # (LB, N, nh, d) memory
+                   [t.contiguous() for t in grads]):  # (LB, nh, N, d) memory
+        assert_close(fast._qkv_grads_times(*layout, w_t, 2, 48, products), expected, 1e-6, "d(qkv) @ W^T")

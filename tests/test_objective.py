@@ -18,8 +18,7 @@ import storage
 from pcvit import Config, train
 from studies.spec import load_spec
 from studies.worker import run_worker
-from tests.runner_helpers import (TINY_FIXED, finish, one_thread, start_worker, tiny_study, trials,  # noqa: F401
-                                  worker_env)
+from tests.runner_helpers import TINY_FIXED, one_thread, run_workers_to_the_end, tiny_study, worker_env  # noqa: F401
 
 OPTUNA_CLI = str(pathlib.Path(sys.executable).parent / "optuna")
 RECORD = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run", "stop_reason",
@@ -169,12 +168,7 @@ def test_repeated_errors_stop_the_worker(tmp_path):
 def test_two_workers_share_one_journal_file_within_the_budget(tmp_path):
     url = f"journal:///{tmp_path}/study.journal"
     study_file = tiny_study(tmp_path, n_trials=5, fixed={"epochs": 1})
-    logs = [tmp_path / f"w{i}.log" for i in range(2)]
-    workers = [start_worker(url, study_file, tmp_path / "art", log, "--n-trials", "3") for log in logs]
-    for worker, log in zip(workers, logs):
-        assert finish(worker, 300, log) == 0, log.read_text()[-3000:]
-    done = trials(url, "tiny")
-    trained = [t for t in done if not t.system_attrs.get("pcvit:surplus")]
+    done, trained = run_workers_to_the_end(url, study_file, tmp_path, workers=2, trials_each=3)
     assert len(trained) == 5 and all(t.state == TrialState.COMPLETE for t in trained)
     assert all(t.state == TrialState.FAIL and "epochs_run" not in t.user_attrs for t in done if t not in trained)
     assert len({json.dumps(t.params, sort_keys=True) for t in trained}) == 5

@@ -22,8 +22,8 @@ from studies.report import outcome_trials
 from studies.search import build_pruner, build_sampler
 from studies.spec import load_spec
 from studies.worker import join_study
-from tests.runner_helpers import (finish, one_thread, running_trial_with_checkpoint, start_worker,  # noqa: F401
-                                  tiny_study, trials, wait_for)
+from tests.runner_helpers import (finish, one_thread, run_workers_to_the_end, running_trial_with_checkpoint,  # noqa: F401
+                                  start_worker, tiny_study, trials, wait_for)
 
 LONG = {"epochs": 12, "use_early_stopping": False}  # ~0.3 s an epoch: long enough to be killed midway
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage", "ignore::optuna.exceptions.ExperimentalWarning")
@@ -128,12 +128,7 @@ def test_a_trial_is_retried_at_most_max_retries_times(tmp_path):
 def test_four_workers_hold_the_budget_on_postgresql(postgres_server, tmp_path):
     url = postgres_server.new_database("runner_four_workers")
     study_file = tiny_study(tmp_path, n_trials=20, fixed={"epochs": 1, "linear_probe_epochs": 1})
-    logs = [tmp_path / f"w{i}.log" for i in range(4)]
-    workers = [start_worker(url, study_file, tmp_path / "art", log, "--n-trials", "6") for log in logs]
-    for worker, log in zip(workers, logs):
-        assert finish(worker, 300, log) == 0, log.read_text()[-3000:]
-    done = trials(url, "tiny")
-    trained = [t for t in done if not t.system_attrs.get("pcvit:surplus")]
+    done, trained = run_workers_to_the_end(url, study_file, tmp_path, workers=4, trials_each=6)
     assert len(trained) == 20 and all(t.state == TrialState.COMPLETE for t in trained)
     assert len({json.dumps(t.params, sort_keys=True) for t in trained}) == 20
     assert not [t for t in done if t.state in (TrialState.RUNNING, TrialState.WAITING)]
