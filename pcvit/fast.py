@@ -17,6 +17,10 @@ Attention is either explicit (`math`: scores, softmax and its backward written o
 `fused`: the memory-efficient kernel on CUDA, the flash kernel on the CPU, forward and backward called
 directly so that the (L, B, heads, N, N) scores never reach memory. Both are torch ops, usable under
 `torch.compile`. Weight gradients are not computed here: the one weight step per batch uses autograd.
+
+`state_step_` is a whole inference step (gradient, layer scaling, global clip, momentum, update) in place,
+one graph for `torch.compile`; `settle_states_inplace` runs T of them (a proposal for `inference.settle_states`,
+whose hooks it does not have).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     nh, d = c.num_heads, c.head_dim
     r = model._residual - 1.0  # u = r*z + z1 + m with z1 = z + attn: double residual r = 1, single r = 0
     mm = _Products(c.precision)
-    backend = resolve_attention(attention, hidden.device, nh, d, c.precision)
+    backend = resolve_attention(attention, hidden.device, nh, d, c.precision, hidden.dtype)
 
     # --- forward: what each hidden state passes on, then every prediction ------------------------
     if c.use_vode_state_layernorm:
@@ -56,58 +60,98 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     else:
         g = hidden
     z = g[:L].reshape(L, BN, H)  # block inputs
+    # LN gains/biases are folded into the next product: (hat*w + b) @ W = hat @ (w*W) + b @ W, which also gives
+    # the LN backward its d(hat) straight from the transposed product.
     hat1, mu1, rs1 = torch.native_layer_norm(z, (H,), None, None, LN_EPS)
-    a_in = torch.addcmul(model.ln1_b[:, None], hat1, model.ln1_w[:, None])  # (L, BN, H)
     w_qkv = torch.cat([model.attn_q, model.attn_k, model.attn_v], dim=2)  # (L, H, 3H)
-    qkv = mm.bmm(a_in, w_qkv)  # (L, BN, 3H)
+    w_qkv_ln = model.ln1_w[:, :, None] * w_qkv
+    qkv = mm.baddbmm(torch.bmm(model.ln1_b[:, None], w_qkv), hat1, w_qkv_ln)  # (L, BN, 3H)
     att_out, saved = _attention_forward(backend, qkv, L, B, N, nh, d, mm)  # (L, BN, H)
     z1 = mm.baddbmm(z, att_out, model.attn_o)  # z + attn, (L, BN, H)
     hat2, mu2, rs2 = torch.native_layer_norm(z1, (H,), None, None, LN_EPS)
-    m_in = torch.addcmul(model.ln2_b[:, None], hat2, model.ln2_w[:, None])
-    pre = mm.baddbmm(model.fc1_b[:, None], m_in, model.fc1_w)  # (L, BN, M), before the GELU
+    w_fc1_ln = model.ln2_w[:, :, None] * model.fc1_w
+    b_fc1_ln = torch.baddbmm(model.fc1_b[:, None], model.ln2_b[:, None], model.fc1_w)
+    pre = mm.baddbmm(b_fc1_ln, hat2, w_fc1_ln)  # (L, BN, M), before the GELU
     act = F.gelu(pre, approximate="tanh")
-    # e_{l+2} = h_{l+2} - (r*z + z1 + act @ W2 + b2)
-    rest = (hidden[1:].reshape(L, BN, H) - z1).sub_(z, alpha=r).sub_(model.fc2_b[:, None])
-    e_blocks = mm.baddbmm(rest, act, model.fc2_w, alpha=-1.0)  # (L, BN, H)
+    e = hidden.new_empty(L1, BN, H)  # errors of nodes 1..L+1, written in place (no concatenation)
     # e_1 = h_1 - (h0 @ Wp + bp + PE)
     e_first = mm.addmm((hidden[0] - model.pos_embed - model.patch_proj_b).reshape(BN, H),
-                       top.reshape(BN, -1), model.patch_proj_w, alpha=-1.0)  # (BN, H)
+                       top.reshape(BN, -1), model.patch_proj_w, alpha=-1.0, out=e[0])  # (BN, H)
+    # e_{l+2} = h_{l+2} - (r*z + z1 + act @ W2 + b2)
+    rest = (hidden[1:].reshape(L, BN, H) - z1).sub_(model.fc2_b[:, None])
+    if r:
+        rest.sub_(z, alpha=r)
+    e_blocks = mm.baddbmm(rest, act, model.fc2_w, alpha=-1.0, out=e[1:])  # (L, BN, H)
     # sensory error x - u_s, in patch layout: (BN, P)
     e_sense = mm.addmm(patchify(x, model.patch).reshape(BN, -1) - model.out_proj_b, g[L].reshape(BN, H),
                        model.out_proj_w, alpha=-1.0)
-    energy = 0.5 * (_sumsq(e_blocks) + _sumsq(e_first) + _sumsq(e_sense))
+    energy = 0.5 * (_sumsq(e) + _sumsq(e_sense))
     if c.intermediate_l1_coeff:
-        energy = energy + c.intermediate_l1_coeff * hidden.abs().sum()
+        energy = energy + c.intermediate_l1_coeff * torch.linalg.vector_norm(hidden, 1)
     if c.intermediate_l2_coeff:
         energy = energy + c.intermediate_l2_coeff * _sumsq(hidden)
 
     # --- backward: J^T e_below for every block at once (cotangent e_blocks; dE/dz = -J^T e) -------
     d_act = mm.bmm(e_blocks, model.fc2_w.transpose(1, 2))  # (L, BN, M)
     d_pre = torch.ops.aten.gelu_backward(d_act, pre, approximate="tanh")
-    d_m_in = mm.bmm(d_pre, model.fc1_w.transpose(1, 2))  # (L, BN, H)
-    d_z1 = _layer_norm_backward(d_m_in, model.ln2_w[:, None], z1, mu2, rs2).add_(e_blocks)
+    d_hat2 = mm.bmm(d_pre, w_fc1_ln.transpose(1, 2))  # (L, BN, H)
+    d_z1 = _layer_norm_backward(d_hat2, z1, mu2, rs2).add_(e_blocks)
     d_att = mm.bmm(d_z1, model.attn_o.transpose(1, 2))
-    d_qkv = _attention_backward(backend, d_att, saved, L, B, N, nh, d, mm)  # (L, BN, 3H)
-    d_a_in = mm.bmm(d_qkv, w_qkv.transpose(1, 2))
-    pulled = _layer_norm_backward(d_a_in, model.ln1_w[:, None], z, mu1, rs1).add_(d_z1).add_(e_blocks, alpha=r)
-    d_last = mm.mm(e_sense, model.out_proj_w.t())  # (x - u_s) pulled back to g_{L+1}: (BN, H)
-    pulled = torch.cat([pulled.reshape(L, B, N, H), d_last.reshape(1, B, N, H)])  # (L+1, B, N, H) = -dE/dg
+    d_q, d_k, d_v = _attention_backward(backend, d_att, saved, L, B, N, nh, d, mm)  # each (LB, nh, N, d)
+    d_hat1 = _qkv_grads_times(d_q, d_k, d_v, w_qkv_ln.transpose(1, 2), L, BN, mm)  # d(qkv) @ W^T, (L, BN, H)
+    pulled = torch.empty_like(e)  # -dE/dg for g_1..g_{L+1}: (L+1, BN, H)
+    torch.add(_layer_norm_backward(d_hat1, z, mu1, rs1).add_(e_blocks, alpha=r), d_z1, out=pulled[:L])
+    mm.mm(e_sense, model.out_proj_w.t(), out=pulled[L])  # (x - u_s) pulled back to g_{L+1}
+    pulled = pulled.reshape(L1, B, N, H)
     if c.use_vode_state_layernorm:
-        pulled = torch.ops.aten.native_layer_norm_backward(
-            pulled * model.state_ln_w[:, None, None], hidden, (H,), state_mu, state_rs, None, None,
-            [True, False, False])[0]
-    e = torch.cat([e_first.reshape(1, B, N, H), e_blocks.reshape(L, B, N, H)])
-    g_hidden = e.sub_(pulled)
+        pulled = _layer_norm_backward(pulled * model.state_ln_w[:, None, None], hidden, state_mu, state_rs)
+    g_top = mm.mm(e_first, model.patch_proj_w.t()).neg_().reshape(top.shape)  # before e is overwritten
+    g_hidden = e.reshape(L1, B, N, H).sub_(pulled)
     if c.intermediate_l1_coeff:
         g_hidden.add_(hidden.sign(), alpha=c.intermediate_l1_coeff)
     if c.intermediate_l2_coeff:
         g_hidden.add_(hidden, alpha=2.0 * c.intermediate_l2_coeff)
-    g_top = mm.mm(e_first, model.patch_proj_w.t()).neg_().reshape(top.shape)
     return energy, g_top, g_hidden
 
 
-def resolve_attention(attention: str, device: torch.device, num_heads: int, head_dim: int, precision: str) -> str:
-    """`math` or `fused` for this device and shape. `auto` = `fused` where a kernel applies, overridable
+def state_step_(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor, m_top: Tensor, m_hidden: Tensor, lr: Tensor,
+                momentum: float, clip_norm: float, scale_top: float, scale_hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """One inference step of `inference.settle_states`, in place on the states and momentum buffers.
+
+    g = layer-scaled dE/dh, clipped by ONE global norm; m <- g + momentum*m; h <- h - lr*m. Momentum buffers
+    start as zeros, which gives settle_states' first step (m = g) exactly. `lr` is a 0-d tensor so that a
+    compiled step is not re-specialised for every value of the schedule. Returns (energy before, norm).
+    """
+    energy, g_top, g_hidden = energy_and_state_grads(model, x, top, hidden)
+    # ||scaled g||^2 from per-node sums: no scaled copy of g is ever written
+    node_sq = torch.linalg.vector_norm(g_hidden, dim=(1, 2, 3)).square()  # (L+1,)
+    norm = torch.sqrt(scale_top ** 2 * _sumsq(g_top) + (node_sq * scale_hidden.reshape(-1).square()).sum())
+    factor = torch.where(norm >= clip_norm, clip_norm / norm, torch.ones_like(norm))  # no epsilon, as optax
+    m_top.mul_(momentum).add_(g_top.mul_(factor * scale_top))
+    m_hidden.mul_(momentum).addcmul_(g_hidden, scale_hidden * factor)
+    top.addcmul_(m_top, lr, value=-1.0)
+    hidden.addcmul_(m_hidden, lr, value=-1.0)
+    return energy, norm
+
+
+def settle_states_inplace(model: PCViT, x: Tensor, states, steps: int, lr_at, momentum: float, clip_norm: float,
+                          scales: Tensor, step=state_step_):
+    """`inference.settle_states` without its hooks, on `state_step_`: the same states, fewer passes over memory.
+
+    `step` may be a compiled `state_step_`. The input states are not modified; returns new `States`.
+    """
+    top, hidden = states.top.clone(), states.hidden.clone()
+    m_top, m_hidden = torch.zeros_like(top), torch.zeros_like(hidden)
+    scale_hidden = scales[1:].to(hidden.dtype).to(hidden.device)[:, None, None, None]
+    lrs = torch.tensor([lr_at(t) for t in range(steps)], dtype=hidden.dtype).to(hidden.device)  # one copy
+    for t in range(steps):
+        step(model, x, top, hidden, m_top, m_hidden, lrs[t], momentum, clip_norm, float(scales[0]), scale_hidden)
+    return type(states)(top, hidden)
+
+
+def resolve_attention(attention: str, device: torch.device, num_heads: int, head_dim: int, precision: str,
+                      dtype: torch.dtype = torch.float32) -> str:
+    """`math` or `fused` for this device, shape and dtype. `auto` = `fused` where a kernel applies, overridable
     with PCVIT_VJP_ATTENTION=math|fused (to compare on a new card without editing code)."""
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention: must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
@@ -115,11 +159,13 @@ def resolve_attention(attention: str, device: torch.device, num_heads: int, head
         attention = os.environ.get("PCVIT_VJP_ATTENTION", "auto")
     if attention == "math":
         return "math"
-    # the CUDA memory-efficient kernel needs 16-byte aligned rows: head_dim % 4 (float32) or % 8 (bf16)
+    # the CUDA memory-efficient kernel: float32 or bf16, rows and strides 16-byte aligned (q, k, v are views of
+    # the packed (.., 3H) product, so head_dim % 4 for float32, % 8 for bf16 makes every stride aligned too)
     aligned = head_dim % (8 if precision == "bf16" else 4) == 0
-    fused_ok = device.type == "cpu" or (device.type == "cuda" and aligned)
+    fused_ok = device.type == "cpu" or (device.type == "cuda" and aligned and dtype == torch.float32)
     if attention == "fused" and not fused_ok:
-        raise ValueError(f"attention='fused' has no kernel for head_dim {head_dim} on {device.type} ({precision})")
+        raise ValueError(f"attention='fused' has no kernel for head_dim {head_dim}, {dtype} on {device.type} "
+                         f"({precision})")
     return "fused" if fused_ok else "math"
 
 
@@ -155,8 +201,8 @@ def _attention_forward(backend: str, qkv: Tensor, L: int, B: int, N: int, nh: in
 
 
 def _attention_backward(backend: str, d_out: Tensor, saved: tuple, L: int, B: int, N: int, nh: int, d: int,
-                        mm: "_Products") -> Tensor:
-    """d(attention output) (L, BN, H) -> d(q, k, v) packed like qkv, (L, BN, 3H)."""
+                        mm: "_Products") -> tuple[Tensor, Tensor, Tensor]:
+    """d(attention output) (L, BN, H) -> d(q), d(k), d(v), each (L*B, nh, N, d) in the kernel's own layout."""
     d_o = d_out.reshape(L * B, N, nh, d).transpose(1, 2)  # (LB, nh, N, d)
     scale = 1.0 / math.sqrt(d)
     if backend == "math":
@@ -173,14 +219,29 @@ def _attention_backward(backend: str, d_out: Tensor, saved: tuple, L: int, B: in
         q, k, v, o, lse = saved
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             mm.cast(d_o), q, k, v, o, lse, 0.0, False, scale=scale)
-    packed = torch.stack([dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)], dim=2)  # (LB, N, 3, nh, d)
-    return packed.reshape(L, B * N, 3 * nh * d).to(d_out.dtype)
+    return dq.to(d_out.dtype), dk.to(d_out.dtype), dv.to(d_out.dtype)
+
+
+def _qkv_grads_times(dq: Tensor, dk: Tensor, dv: Tensor, w_t: Tensor, L: int, BN: int, mm: "_Products") -> Tensor:
+    """[dq dk dv] @ w_t for grads (LB, nh, N, d) and w_t (L, 3H, H), without packing the grads where it can.
+
+    The fused kernels write each grad as (LB, N, nh, d), which is (L, BN, H) as it is: three products accumulate.
+    The explicit attention's (LB, nh, N, d) grads are packed by one copy, then one product.
+    """
+    LB, nh, N, d = dq.shape
+    H = nh * d
+    parts = [t.transpose(1, 2) for t in (dq, dk, dv)]  # (LB, N, nh, d)
+    if all(p.is_contiguous() for p in parts):
+        out = mm.bmm(parts[0].reshape(L, BN, H), w_t[:, :H])
+        out = mm.baddbmm(out, parts[1].reshape(L, BN, H), w_t[:, H:2 * H])
+        return mm.baddbmm(out, parts[2].reshape(L, BN, H), w_t[:, 2 * H:])
+    return mm.bmm(torch.stack(parts, dim=2).reshape(L, BN, 3 * H), w_t)
 
 
 # --- small pieces ----------------------------------------------------------------------------------------
-def _layer_norm_backward(d_y: Tensor, weight: Tensor, z: Tensor, mu: Tensor, rs: Tensor) -> Tensor:
-    """d/dz of LayerNorm(z)*weight + b given d(output); weight broadcasts (per-layer gains)."""
-    return torch.ops.aten.native_layer_norm_backward(d_y * weight, z, (z.shape[-1],), mu, rs, None, None,
+def _layer_norm_backward(d_hat: Tensor, z: Tensor, mu: Tensor, rs: Tensor) -> Tensor:
+    """d/dz given d(hat), hat = (z - mu) * rs the normalised z (the gain is applied by the caller)."""
+    return torch.ops.aten.native_layer_norm_backward(d_hat, z, (z.shape[-1],), mu, rs, None, None,
                                                      [True, False, False])[0]
 
 
@@ -211,18 +272,19 @@ class _Products:
             return torch.bmm(a, b)
         return torch.bmm(a.to(self.low), b.to(self.low)).to(a.dtype)
 
-    def mm(self, a: Tensor, b: Tensor) -> Tensor:
+    def mm(self, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
         if self.low is None:
-            return torch.mm(a, b)
-        return torch.mm(a.to(self.low), b.to(self.low)).to(a.dtype)
+            return torch.mm(a, b, out=out)
+        product = torch.mm(a.to(self.low), b.to(self.low))
+        return product.to(a.dtype) if out is None else out.copy_(product)
 
-    def baddbmm(self, c: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
-        """c + alpha * a @ b, batched over the first axis."""
+    def baddbmm(self, c: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, out: Tensor | None = None) -> Tensor:
+        """c + alpha * a @ b, batched over the first axis (into `out` when given)."""
         if self.low is None:
-            return torch.baddbmm(c, a, b, alpha=alpha)
-        return torch.add(c, self.bmm(a, b), alpha=alpha)
+            return torch.baddbmm(c, a, b, alpha=alpha, out=out)
+        return torch.add(c, self.bmm(a, b), alpha=alpha, out=out)
 
-    def addmm(self, c: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    def addmm(self, c: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, out: Tensor | None = None) -> Tensor:
         if self.low is None:
-            return torch.addmm(c, a, b, alpha=alpha)
-        return torch.add(c, self.mm(a, b), alpha=alpha)
+            return torch.addmm(c, a, b, alpha=alpha, out=out)
+        return torch.add(c, self.mm(a, b), alpha=alpha, out=out)
