@@ -103,8 +103,8 @@ class Config:
     reinitialize_model_for_each_epoch: bool = False
 
     # --- how to compute (same maths) -----------------------------------------------------------
-    implementation: str = "parallel"  # plain: block after block; parallel: all blocks at once;
-    #                                   vjp: parallel forward + hand-written state gradient (pcvit/fast.py)
+    implementation: str = "vjp"  # vjp: all blocks at once + hand-written state gradient (pcvit/fast.py);
+    #                              parallel: all blocks at once, autograd; plain: block after block (reference)
     precision: str = "float32"  # float32 | tf32 | bf16 matmuls (states and updates stay float32)
     device: str = "auto"  # auto = cuda if available, else cpu
 

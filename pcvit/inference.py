@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .config import Config
-from .fast import energy_and_state_grads
+from .fast import energy_and_state_grads, settle_states_inplace
 from .model import PCViT
 
 
@@ -101,7 +101,10 @@ def settle_states(model: PCViT, x: Tensor, states: States, steps: int, lr_at: Ca
 
     The input states are not modified. `before_step(t, states)` sees the states before update t
     (validation records its reconstruction there); `record` collects a StepRecord per step.
+    With `implementation: vjp` and no hooks, the same step runs in place (`fast.settle_states_inplace`).
     """
+    if model.config.implementation == "vjp" and before_step is None and record is None:
+        return settle_states_inplace(model, x, states, steps, lr_at, momentum, clip_norm, scales)
     top, hidden = states.top.clone(), states.hidden.clone()
     scale_top = float(scales[0])
     scale_hidden = scales[1:].to(hidden.dtype).to(hidden.device)[:, None, None, None]  # (L+1, 1, 1, 1)

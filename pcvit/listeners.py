@@ -59,7 +59,7 @@ class RunResult:
     divergence_epoch: int | None = None
     wall_time_s: float = 0.0
     device: str = "cpu"
-    implementation: str = "parallel"
+    implementation: str = ""  # the config's, set by the run
     probe_accuracies: list[float] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per epoch
     image_paths: list[str] = field(default_factory=list)

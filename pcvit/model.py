@@ -129,9 +129,9 @@ class PCViT(nn.Module):
         nh, d = self.config.num_heads, self.config.head_dim
         a_in = _layer_norm(z, self.ln1_w[:, None, None], self.ln1_b[:, None, None]).reshape(L, B * N, H)
         qkv = torch.stack([a_in @ self.attn_q, a_in @ self.attn_k, a_in @ self.attn_v])  # (3, L, B*N, H)
-        qkv = qkv.reshape(3, L, B, N, nh, d).permute(0, 1, 2, 4, 3, 5)  # (3, L, B, nh, N, d)
+        qkv = qkv.reshape(3, L * B, N, nh, d).transpose(2, 3)  # (3, L*B, nh, N, d): 4-D gets the fused kernels
         a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # scale 1/sqrt(d), no mask
-        a = a.permute(0, 1, 3, 2, 4).reshape(L, B * N, H) @ self.attn_o  # (L, B*N, H)
+        a = a.transpose(1, 2).reshape(L, B * N, H) @ self.attn_o  # (L, B*N, H), heads concatenated in order
         z1 = z + a.reshape(L, B, N, H)
         m_in = _layer_norm(z1, self.ln2_w[:, None, None], self.ln2_b[:, None, None]).reshape(L, B * N, H)
         m = F.gelu(torch.baddbmm(self.fc1_b[:, None], m_in, self.fc1_w), approximate="tanh")

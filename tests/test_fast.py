@@ -136,14 +136,18 @@ def test_bf16_products_stay_close_to_float32():
     assert_close(g_hidden, ref_hidden, 3e-2, "dE/dh (bf16)")
 
 
-def test_attention_choice():
+def test_attention_choice(monkeypatch):
+    monkeypatch.delenv("PCVIT_VJP_ATTENTION", raising=False)
     assert resolve_attention("math", torch.device("cuda"), 4, 32, "float32") == "math"
     assert resolve_attention("auto", torch.device("cpu"), 4, 4, "float32") in ("math", "fused")
     assert resolve_attention("auto", torch.device("cuda"), 4, 2, "float32") == "math"  # misaligned for the kernel
     assert resolve_attention("auto", torch.device("cuda"), 2, 8, "float32", torch.float64) == "math"  # no float64
-    assert resolve_attention("auto", torch.device("cuda"), 2, 8, "float32") == "fused"
+    assert resolve_attention("auto", torch.device("cuda"), 2, 8, "float32") == "math"  # until run on a GPU
+    assert resolve_attention("fused", torch.device("cuda"), 2, 8, "float32") == "fused"
     with pytest.raises(ValueError, match="attention"):
         resolve_attention("flash", torch.device("cpu"), 1, 8, "float32")
+    monkeypatch.setenv("PCVIT_VJP_ATTENTION", "fused")  # the opt-in for CUDA
+    assert resolve_attention("auto", torch.device("cuda"), 2, 8, "float32") == "fused"
 
 
 def test_settled_states_match_the_parallel_implementation(monkeypatch):
