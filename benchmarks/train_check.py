@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pcvit.config import Config  # noqa: E402
 from pcvit.data import load_data  # noqa: E402
 from pcvit.fast import energy_and_state_grads  # noqa: E402
 from pcvit.listeners import Listener  # noqa: E402
+from bench_train import emit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from pcvit.train import train  # noqa: E402
 
 
@@ -37,14 +37,6 @@ class EpochPrinter(Listener):
 
     def on_epoch(self, run, epoch, metrics):
         emit({**self.tag, **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}, self.out_file)
-
-
-def emit(record: dict, out_file: Path | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out_file is not None:
-        with open(out_file, "a") as f:
-            f.write(line + "\n")
 
 
 @contextlib.contextmanager
