@@ -4,13 +4,14 @@
 
 Prints one row per epoch, shows a progress bar per epoch, saves reconstruction grids and metrics.jsonl
 in --out, and always writes the summary (also after Ctrl-C or divergence). Exit code 0 for any finished
-run (diverged and early-stopped included), 2 for bad input, 130 after Ctrl-C.
+run (diverged and early-stopped included), 2 for bad input, 130 after Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,19 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return Config.from_dict({k: coerce(k, v) if k in field_names() else v for k, v in values.items()})
 
 
+def _interrupt_handler(run: Run):
+    """First Ctrl-C/SIGTERM: stop after the current batch and write the summary; a second one: stop now.
+
+    Installed explicitly, because a process started in the background inherits SIGINT ignored."""
+    def handle(signum, frame):
+        if run.interrupted:
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(signum).name}: stopping after this batch (again to stop at once)",
+              file=sys.stderr, flush=True)
+        run.interrupt(signal.Signals(signum).name)
+    return handle
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_fields:
@@ -139,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raw-patch probe baseline: {raw_patch_baseline(data, config):.4f}", flush=True)
     started = time.time()
     run = Run(config, data, [ConsoleListener(progress=not args.no_progress)], out_dir=args.out)
-    result = run.run()
+    previous = {sig: signal.signal(sig, _interrupt_handler(run)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = run.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     summary = {**result.to_dict(), "config": config.to_dict(), "torch": torch.__version__,
                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))}
     summary_path = args.summary_json or args.out / "summary.json"

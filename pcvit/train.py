@@ -64,10 +64,18 @@ class Run:
         self.early_counter = 0
         self.milestone_reached = False
         self.stop_request: str | None = None
+        self.interrupted = False  # set by interrupt(): stop within the current batch loop, not at epoch end
 
     # --- listener API ---------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
         """Ask the run to stop after the current callback (pruning, a budget, ...)."""
+        self.stop_request = reason
+
+    def interrupt(self, reason: str = "interrupted") -> None:
+        """Stop as soon as the current batch is done, without finishing the epoch (Ctrl-C, SIGTERM).
+
+        Safe to call from a signal handler: it only sets flags that the batch loop reads."""
+        self.interrupted = True
         self.stop_request = reason
 
     # --- one batch ------------------------------------------------------------------------------
@@ -168,6 +176,9 @@ class Run:
     def _stop(self, reason: str, detail: str = "") -> None:
         self.result.stop_reason, self.result.stop_detail = reason, detail
 
+    def _stop_as_requested(self) -> None:
+        self._stop("interrupted" if self.interrupted else "stopped", self.stop_request or "")
+
     def run_epoch(self) -> None:
         c, r = self.config, self.result
         epoch = self.epoch + 1  # 1-based, as the original logs it
@@ -178,6 +189,8 @@ class Run:
         n_batches = 0
         for b in range(self.batches_per_epoch):
             x = self.data.normalise(self.data.train_images[order[b * c.batch_size:(b + 1) * c.batch_size]])
+            if self.interrupted:  # the partial epoch is dropped: epochs_run counts completed epochs
+                return self._stop_as_requested()
             energy, mse = self.train_on_batch(x)
             energy_sum += energy
             mse_sum += mse
@@ -221,7 +234,7 @@ class Run:
             for listener in self.listeners:
                 listener.on_probe(self, epoch, accuracy)
             if self.stop_request is not None:
-                self._stop("stopped", self.stop_request)
+                self._stop_as_requested()
                 return self._end_epoch(epoch, metrics, t0)
         if (c.reconstruction_every_n_epochs and epoch % c.reconstruction_every_n_epochs == 0) or last or milestone:
             path = self.save_reconstruction(epoch)
@@ -242,7 +255,7 @@ class Run:
         for listener in self.listeners:
             listener.on_epoch(self, epoch, metrics)
         if self.stop_request is not None and not self._finished():
-            self._stop("stopped", self.stop_request)
+            self._stop_as_requested()
 
     # --- checkpoints --------------------------------------------------------------------------------
     def checkpoint(self) -> dict[str, Any]:

@@ -41,19 +41,27 @@ def test_bad_input_exits_2_naming_the_key(args, needle, tmp_path, capsys):
     assert needle in capsys.readouterr().err
 
 
-def test_ctrl_c_stops_cleanly_and_still_writes_the_summary(tmp_path):
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a job started in the background by a shell
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_stop_cleanly_and_still_write_the_summary(tmp_path, sig):
     summary = tmp_path / "s.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pcvit.cli", *TINY_ARGS, "--epochs", "100000", "--set", "use_early_stopping=false", "--out",
-                             str(tmp_path), "--summary-json", str(summary)], stdout=subprocess.PIPE, text=True,
-                            env=env)
-    deadline = time.time() + 120
-    for line in proc.stdout:  # wait for the first epoch row
-        if line.strip().startswith("1 ") or time.time() > deadline:
-            break
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    proc = subprocess.Popen([sys.executable, "-m", "pcvit.cli", *TINY_ARGS, "--epochs", "100000", "--set",
+                             "use_early_stopping=false", "--out", str(tmp_path), "--summary-json", str(summary)],
+                            stdout=subprocess.PIPE, text=True, env=env, preexec_fn=ignore_sigint)
+    try:
+        for line in proc.stdout:  # wait for the first epoch row
+            if line.strip().startswith("1 "):
+                break
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(sig)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
     assert proc.returncode == 130
     data = json.loads(summary.read_text())
-    assert data["stop_reason"] == "interrupted" and 1 <= data["epochs_run"] < 100000
+    assert data["stop_reason"] == "interrupted" and data["stop_detail"] == sig.name
+    assert 1 <= data["epochs_run"] < 100000

@@ -115,7 +115,20 @@ def _roundtrip(obj):
     return buffer
 
 
-def test_interrupt_returns_a_result():
+def test_interrupt_stops_within_the_epoch_and_keeps_completed_epochs():
+    class InterruptInEpoch2(Listener):
+        wants_batches = True
+
+        def on_batch(self, run, epoch, batch, metrics):
+            if epoch == 2 and batch == 1:
+                run.interrupt("SIGINT")
+
+    result = train(tiny_config(epochs=5), listeners=[InterruptInEpoch2()])
+    assert (result.stop_reason, result.stop_detail, result.epochs_run) == ("interrupted", "SIGINT", 1)
+    assert len(result.history) == 1
+
+
+def test_keyboard_interrupt_returns_a_result():
     class CtrlC(Listener):
         def on_epoch(self, run, epoch, metrics):
             raise KeyboardInterrupt
