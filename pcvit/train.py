@@ -124,10 +124,10 @@ class Run:
         mses, l1s, psnrs = [], [], []
         for start in range(0, len(images), B):
             x = self.data.normalise(images[start:start + B])
-            xhat = self.settle_and_reconstruct(x, len(x)).clamp(0, 1)
-            mse = (xhat - x.clamp(0, 1)).square().mean()
+            xhat = self.settle_and_reconstruct(x, len(x))
+            mse = clipped_mse(xhat, x)
             mses.append(mse)
-            l1s.append((xhat - x.clamp(0, 1)).abs().mean())
+            l1s.append((xhat.clamp(0, 1) - x.clamp(0, 1)).abs().mean())
             psnrs.append(10 * torch.log10(1.0 / mse.clamp_min(1e-8)))
         mean = lambda v: torch.stack(v).mean().item()  # noqa: E731  (GPU sync)
         return {"val_mse": mean(mses), "val_l1": mean(l1s), "val_psnr": mean(psnrs)}
