@@ -13,11 +13,9 @@ precision) after the same batches. On CUDA the implementations run one after the
 own peak memory; on a CPU they take turns batch by batch (`--interleave`), so that the load of a shared machine
 falls on all of them alike.
 
-Implementations: `plain`, `parallel` (autograd on model.py's two forwards), `vjp` (pcvit.fast's hand-written
-state gradients; through `Config(implementation="vjp")` when the config knows it, else by patching
-`pcvit.inference.state_grads` for that run only) and `vjp-inplace` (the same gradients plus pcvit.fast's in-place
-state step, patched into `pcvit.train.settle_states`: a proposal for inference.settle_states). `NAME+compile` runs
-NAME under torch.compile (the vjp function or the whole in-place step, and model.energy for the weight step); on
+Implementations: `plain`, `parallel` (autograd on model.py's two forwards) and `vjp` (pcvit.fast's hand-written
+state gradients, stepped in place). `NAME+compile` runs NAME under torch.compile (for vjp the whole in-place
+state step, patched into `pcvit.train.settle_states` for that run only; model.energy for the weight step); on
 CUDA every implementation also runs compiled by default (`--no-compile` turns that off). Nothing is written
 outside `--out` (the inductor cache goes there too).
 """
@@ -43,15 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pcvit.config as pcvit_config  # noqa: E402
-import pcvit.inference as inference  # noqa: E402
 from pcvit.config import Config  # noqa: E402
 from pcvit.data import load_data  # noqa: E402
-from pcvit.fast import energy_and_state_grads, resolve_attention, settle_states_inplace, state_step_  # noqa: E402
+from pcvit.fast import resolve_attention, settle_states_inplace, state_step_  # noqa: E402
 from pcvit.train import Run  # noqa: E402
 
 train_module = importlib.import_module("pcvit.train")  # `pcvit.train` the attribute is the train() function
 
-IMPLEMENTATIONS = ("plain", "parallel", "vjp", "vjp-inplace")
+IMPLEMENTATIONS = pcvit_config.IMPLEMENTATIONS
 GRIDS = {  # blocks / hidden / heads / batch / inference steps
     "small": ["2/32/2/32/5", "4/64/4/32/5"],
     "gpu": ["12/64/1/200/20", "12/128/4/200/20", "6/64/1/200/20", "12/128/4/256/40"],  # issue 3 + the largest
@@ -87,10 +84,6 @@ def parse_config(text: str) -> tuple[int, int, int, int, int]:
     return tuple(parts)  # type: ignore[return-value]
 
 
-def vjp_route() -> str:
-    return "config" if "vjp" in pcvit_config.IMPLEMENTATIONS else "patched"
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -118,21 +111,15 @@ class Trial:
         self.name, self.shape, self.precision, self.device = name, shape, precision, device
         impl, compiled = name.split("+")[0], name.endswith("+compile")
         L, H, heads, B, T = shape
-        uses_vjp = impl in ("vjp", "vjp-inplace")
-        base = "vjp" if uses_vjp and vjp_route() == "config" else "parallel" if uses_vjp else impl
         config = Config(dataset="synthetic", num_blocks=L, hidden_size=H, num_heads=heads, batch_size=B,
                         inference_steps=T, train_subset=B * batches, test_subset=B, validation_subset=B,
-                        epochs=10, implementation=base, precision=precision, device=str(device),
+                        epochs=10, implementation=impl, precision=precision, device=str(device),
                         linear_probe_every_n_epochs=0)
         data = load_data(config, device)
         self.run = Run(config, data)
         compile_fn = (lambda fn: torch.compile(fn, mode=compile_mode, dynamic=False)) if compiled else (lambda fn: fn)
         self.patches = []
-        if impl == "vjp" and (vjp_route() == "patched" or compiled):
-            grads = compile_fn(energy_and_state_grads)
-            self.patches.append((inference, "state_grads",
-                                 lambda model, x, states: grads(model, x, states.top, states.hidden)))
-        if impl == "vjp-inplace":
+        if impl == "vjp" and compiled:  # the same in-place steps as inference.settle_states, compiled
             step, original = compile_fn(state_step_), train_module.settle_states
 
             def settle(model, x, states, steps, lr_at, momentum, clip_norm, scales, **hooks):
@@ -182,7 +169,6 @@ class Trial:
             "max_abs_state": max(final[k].abs().max().item() for k in ("top", "hidden")),
         }
         if self.name.startswith("vjp"):
-            rec["vjp_route"] = vjp_route()
             rec["attention"] = resolve_attention("auto", self.device, heads, H // heads, self.precision)
         if reference is not None:
             rec["max_abs_diff_states"] = max((final[k].float() - reference[k].float()).abs().max().item()
@@ -331,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", choices=sorted(GRIDS), help="default: gpu on CUDA, small elsewhere")
     p.add_argument("--config", type=parse_config, action="append",
                    help="blocks/hidden/heads/batch/steps, repeatable; replaces the grid")
-    p.add_argument("--impl", default=None, help="comma list of plain, parallel, vjp, vjp-inplace and NAME+compile "
+    p.add_argument("--impl", default=None, help="comma list of plain, parallel, vjp and NAME+compile "
                                                 "(default: all four; plain is the reference for the diffs)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="also run every implementation compiled (default on CUDA)")

@@ -53,15 +53,15 @@ stage grads-tf32 20 "$PY" benchmarks/bench_grads.py --device cuda --shape 12/128
 stage bench-eager 100 "$PY" benchmarks/bench_train.py --device cuda --no-compile --batches 10 --warmup 3 \
     --out "$OUT"
 stage bench-eager-tf32 35 "$PY" benchmarks/bench_train.py --device cuda --no-compile --batches 10 --warmup 3 \
-    --precision tf32 --impl plain,vjp,vjp-inplace --config 12/128/4/200/20 --config 12/64/1/200/20 --out "$OUT"
+    --precision tf32 --impl plain,vjp --config 12/128/4/200/20 --config 12/64/1/200/20 --out "$OUT"
 
 # 4. a short real training run, 12 blocks, both residual options, reference and vjp
 stage train 50 "$PY" benchmarks/train_check.py --device cuda --epochs 3 --train-subset 2000 --out "$OUT"
 
-# 5. aggregate throughput of 1, 2 and 4 processes on the one GPU (eager vjp-inplace, the goal config)
+# 5. aggregate throughput of 1, 2 and 4 processes on the one GPU (eager vjp, the goal config)
 #    (their scratch files stay out of $OUT, which brings back 8 files at most; the lines are appended after)
 for n in 1 2 4; do
-    stage "concurrent-$n" 25 "$PY" benchmarks/bench_train.py --device cuda --concurrent "$n" --impl vjp-inplace \
+    stage "concurrent-$n" 25 "$PY" benchmarks/bench_train.py --device cuda --concurrent "$n" --impl vjp \
         --config 12/128/4/200/20 --batches 8 --warmup 3 --out /tmp/pcvit-concurrent
 done
 cat /tmp/pcvit-concurrent/results.jsonl >> "$OUT/results.jsonl" 2>/dev/null
@@ -70,9 +70,9 @@ cat /tmp/pcvit-concurrent/results.jsonl >> "$OUT/results.jsonl" 2>/dev/null
 #    torch.compile, TF32 first (the compiled baseline is TF32: 117 ms and 63 ms), then float32 and
 #    compiled autograd for comparison. plain (eager) is the reference of every line's differences.
 stage bench-compiled-tf32 170 "$PY" benchmarks/bench_train.py --device cuda --batches 10 --warmup 3 \
-    --impl plain,vjp-inplace+compile --config 12/128/4/200/20 --config 12/64/1/200/20 --precision tf32 --out "$OUT"
+    --impl plain,vjp+compile --config 12/128/4/200/20 --config 12/64/1/200/20 --precision tf32 --out "$OUT"
 stage bench-compiled-float32 300 "$PY" benchmarks/bench_train.py --device cuda --batches 10 --warmup 3 \
-    --impl plain,vjp-inplace+compile,parallel+compile --config 12/128/4/200/20 --precision float32 --out "$OUT"
+    --impl plain,vjp+compile,parallel+compile --config 12/128/4/200/20 --precision float32 --out "$OUT"
 
 "$PY" benchmarks/summarize.py "$OUT/results.jsonl" > "$OUT/summary.md" 2>&1
 cat "$OUT/summary.md"
