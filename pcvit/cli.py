@@ -22,6 +22,7 @@ import yaml
 
 from .config import Config, ConfigError, coerce, field_names
 from .data import DatasetError, load_data, resolve_device
+from .diagnostics import format_table
 from .listeners import Listener, RunResult
 from .probe import raw_patch_baseline
 from .train import Run
@@ -36,8 +37,10 @@ class ConsoleListener(Listener):
     wants_batches = True
     COLUMNS = ("epoch", "train_mse", "energy", "val_mse", "probe_acc", "lr_w", "lr_h_max", "time_s")
 
-    def __init__(self, stream=None, progress: bool = True):
+    def __init__(self, stream=None, progress: bool = True, diagnostics: bool = False):
         self._stream, self.progress, self.bar = stream, progress, None
+        self.diagnostics = diagnostics  # also print the per-node table under each row
+        self.warned_probe = False
 
     @property
     def stream(self):
@@ -64,6 +67,13 @@ class ConsoleListener(Listener):
                   metrics["epoch_time_s"])
         row = [f"{values[0]:>10d}"] + [f"{v:>10.4g}" for v in values[1:]]
         print(" ".join(row), file=self.stream, flush=True)
+        if metrics.get("probe_converged") is False and not self.warned_probe:
+            self.warned_probe = True
+            print(f"warning: the probe's head took only {metrics['probe_steps']} steps (< linear_probe_min_steps "
+                  f"{run.config.linear_probe_min_steps}): its accuracy measures little. Raise linear_probe_epochs "
+                  "or set linear_probe_solver=lbfgs.", file=self.stream, flush=True)
+        if self.diagnostics and "node_energy" in metrics:
+            print(format_table(metrics, run.config.num_blocks), file=self.stream, flush=True)
 
     def on_end(self, run: Run, result: RunResult) -> None:
         print(f"stopped: {result.stop_reason} {result.stop_detail}".rstrip() +
@@ -84,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true",
                    help="also print the raw-patch probe baseline (same probe protocol, no model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="print per-node energy, state RMS, |dE/dh| and top-latent movement under each epoch's row")
     p.add_argument("--list-fields", action="store_true", help="print every config field with its default and exit")
     for name in SUGAR:
         p.add_argument("--" + name.replace("_", "-"), dest="sugar_" + name, metavar="VALUE",
@@ -149,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {resolve_device(config.device)} | {config.dataset} {len(data.train_images)} train images | "
           f"{config.num_blocks} blocks, hidden {config.hidden_size}, {config.num_heads} heads, "
           f"{config.implementation} | torch {torch.__version__}", flush=True)
+    baseline = None
     if args.baseline:
-        print(f"raw-patch probe baseline: {raw_patch_baseline(data, config):.4f}", flush=True)
+        baseline = raw_patch_baseline(data, config)
+        print(f"raw-patch probe baseline: {baseline.accuracy:.4f}{baseline.describe()}", flush=True)
     started = time.time()
-    run = Run(config, data, [ConsoleListener(progress=not args.no_progress)], out_dir=args.out)
+    console = ConsoleListener(progress=not args.no_progress, diagnostics=args.diagnostics)
+    run = Run(config, data, [console], out_dir=args.out)
     previous = {sig: signal.signal(sig, _interrupt_handler(run)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = run.run()
@@ -160,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     summary = {**result.to_dict(), "config": config.to_dict(), "torch": torch.__version__,
+               "raw_patch_baseline": None if baseline is None else baseline.accuracy,
                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))}
     summary_path = args.summary_json or args.out / "summary.json"
     summary_path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,9 @@ DATASETS = ("cifar10", "fashion-mnist", "synthetic")
 IMPLEMENTATIONS = ("plain", "parallel", "vjp")
 RESIDUALS = ("double", "single")
 PRECISIONS = ("float32", "tf32", "bf16")
+BRANCH_SCALES = ("1", "1/sqrt(L)", "1/L")
+ENERGY_WEIGHTINGS = ("sum", "mean")
+PROBE_SOLVERS = ("adamw", "lbfgs")
 
 
 class ConfigError(ValueError):
@@ -39,6 +42,10 @@ class Config:
     residual: str = "double"  # double: u = 2h + attn + mlp (the original); single: u = h + block(h)
     use_vode_state_layernorm: bool = False  # LayerNorm on each state before it feeds the next layer
     use_noise: bool = True  # top latent starts as 0.01*N(0,1) (else zeros)
+    residual_branch_scale: str = "1"  # a in u = r*h + z1 + a*mlp, z1 = h + a*attn: "1" (the original), "1/sqrt(L)",
+    #                                   "1/L" (depth-scaled branches, muPC: Innocenti et al. 2025)
+    energy_weighting: str = "sum"  # sum: E = sum of node energies (the original); mean: each node's energy per element,
+    #                                times the image's element count (the sensory term unchanged, nodes rebalanced)
 
     # --- inference (state updates) -------------------------------------------------------------
     inference_steps: int = 20  # T, per training batch and per probe batch
@@ -92,12 +99,17 @@ class Config:
     linear_probe_epochs: int = 1
     linear_probe_batch_size: int = 200
     linear_probe_seed: int = 123
+    linear_probe_solver: str = "adamw"  # adamw: linear_probe_epochs of minibatch AdamW (the original);
+    #                                     lbfgs: full-batch L-BFGS on the same loss until it converges
+    linear_probe_min_steps: int = 500  # fewer AdamW steps than this: the probe is flagged as not converged
+
+    # --- the original's fresh-state switches (pcx STATUS.INIT: h0 redrawn, every other state := its prediction) --
+    use_status_init_in_training: bool = False  # every training batch starts from fresh states (else: carried over)
+    use_status_init_in_unmasking: bool = False  # validation, reconstruction and probe batches start fresh too
 
     # --- original switches kept for fidelity; only the original sweep's value is implemented ---
     use_ssl_augmentations: bool = False
     update_weights_every_inference_step: bool = False
-    use_status_init_in_training: bool = False
-    use_status_init_in_unmasking: bool = False
     use_vode_grad_norm: bool = False
     use_adamw_for_hidden_optimizer: bool = False
     reinitialize_model_for_each_epoch: bool = False
@@ -107,6 +119,7 @@ class Config:
     #                              parallel: all blocks at once, autograd; plain: block after block (reference)
     precision: str = "float32"  # float32 | tf32 | bf16 matmuls (states and updates stay float32)
     device: str = "auto"  # auto = cuda if available, else cpu
+    node_diagnostics: bool = True  # per-node energy, state RMS, top-latent movement each epoch (no extra passes)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -119,6 +132,12 @@ class Config:
     @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def branch_scale(self) -> float:
+        """The residual branch multiplier a for `residual_branch_scale`."""
+        L = self.num_blocks
+        return {"1": 1.0, "1/sqrt(L)": 1.0 / math.sqrt(L), "1/L": 1.0 / L}[self.residual_branch_scale]
 
     @property
     def probe_steps(self) -> int:
@@ -234,6 +253,13 @@ def _validate(c: Config) -> None:
     need(c.implementation in IMPLEMENTATIONS, "implementation",
          f"unknown implementation {c.implementation!r} (known: {', '.join(IMPLEMENTATIONS)})")
     need(c.residual in RESIDUALS, "residual", f"must be one of {', '.join(RESIDUALS)}, got {c.residual!r}")
+    need(c.residual_branch_scale in BRANCH_SCALES, "residual_branch_scale",
+         f"must be one of {', '.join(BRANCH_SCALES)}, got {c.residual_branch_scale!r}")
+    need(c.energy_weighting in ENERGY_WEIGHTINGS, "energy_weighting",
+         f"must be one of {', '.join(ENERGY_WEIGHTINGS)}, got {c.energy_weighting!r}")
+    need(c.linear_probe_solver in PROBE_SOLVERS, "linear_probe_solver",
+         f"must be one of {', '.join(PROBE_SOLVERS)}, got {c.linear_probe_solver!r}")
+    need(c.linear_probe_min_steps >= 0, "linear_probe_min_steps", f"must be >= 0, got {c.linear_probe_min_steps}")
     need(c.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
     need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
          f"must be auto, cpu or cuda[:N], got {c.device!r}")
@@ -247,8 +273,7 @@ def _validate(c: Config) -> None:
         need(0 <= i <= c.num_blocks + 1, "linear_probe_vode_indices",
              f"node {i} is out of range: probe nodes are 0..{c.num_blocks + 1} for {c.num_blocks} blocks "
              "(0 = top latent; the sensory node is the image itself)")
-    for name in ("use_ssl_augmentations", "update_weights_every_inference_step", "use_status_init_in_training",
-                 "use_status_init_in_unmasking", "use_vode_grad_norm", "use_adamw_for_hidden_optimizer",
+    for name in ("use_ssl_augmentations", "update_weights_every_inference_step", "use_vode_grad_norm", "use_adamw_for_hidden_optimizer",
                  "reinitialize_model_for_each_epoch"):
         need(getattr(c, name) is False, name,
              "only false is implemented (the value the original 12-block sweep ran with)")

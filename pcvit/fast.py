@@ -67,7 +67,11 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     w_qkv_ln = model.ln1_w[:, :, None] * w_qkv
     qkv = mm.baddbmm(torch.bmm(model.ln1_b[:, None], w_qkv), hat1, w_qkv_ln)  # (L, BN, 3H)
     att_out, saved = _attention_forward(backend, qkv, L, B, N, nh, d, mm)  # (L, BN, H)
-    z1 = mm.baddbmm(z, att_out, model.attn_o)  # z + attn, (L, BN, H)
+    # depth-scaled branches: a*(attn @ Wo) and a*(act @ W2 + b2) are products with a*Wo, a*W2 and the bias a*b2
+    a = model._branch
+    w_o, w_fc2, b_fc2 = (model.attn_o, model.fc2_w, model.fc2_b) if a == 1 else \
+        (a * model.attn_o, a * model.fc2_w, a * model.fc2_b)
+    z1 = mm.baddbmm(z, att_out, w_o)  # z + a*attn, (L, BN, H)
     hat2, mu2, rs2 = torch.native_layer_norm(z1, (H,), None, None, LN_EPS)
     w_fc1_ln = model.ln2_w[:, :, None] * model.fc1_w
     b_fc1_ln = torch.baddbmm(model.fc1_b[:, None], model.ln2_b[:, None], model.fc1_w)
@@ -78,25 +82,31 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     e_first = mm.addmm((hidden[0] - model.pos_embed - model.patch_proj_b).reshape(BN, H),
                        top.reshape(BN, -1), model.patch_proj_w, alpha=-1.0, out=e[0])  # (BN, H)
     # e_{l+2} = h_{l+2} - (r*z + z1 + act @ W2 + b2)
-    rest = (hidden[1:].reshape(L, BN, H) - z1).sub_(model.fc2_b[:, None])
+    rest = (hidden[1:].reshape(L, BN, H) - z1).sub_(b_fc2[:, None])
     if r:
         rest.sub_(z, alpha=r)
-    e_blocks = mm.baddbmm(rest, act, model.fc2_w, alpha=-1.0, out=e[1:])  # (L, BN, H)
+    e_blocks = mm.baddbmm(rest, act, w_fc2, alpha=-1.0, out=e[1:])  # (L, BN, H)
     # sensory error x - u_s, in patch layout: (BN, P)
     e_sense = mm.addmm(patchify(x, model.patch).reshape(BN, -1) - model.out_proj_b, g[L].reshape(BN, H),
                        model.out_proj_w, alpha=-1.0)
-    energy = 0.5 * (_sumsq(e) + _sumsq(e_sense))
+    # node weights (`energy_weighting`): every hidden node has the same weight w, the image 1. dE/dh is then
+    # w * (the unweighted gradient with the sensory error divided by w): one scale at the end.
+    w = model.hidden_node_weight
+    hidden_energy = 0.5 * _sumsq(e)
     if c.intermediate_l1_coeff:
-        energy = energy + c.intermediate_l1_coeff * torch.linalg.vector_norm(hidden, 1)
+        hidden_energy = hidden_energy + c.intermediate_l1_coeff * torch.linalg.vector_norm(hidden, 1)
     if c.intermediate_l2_coeff:
-        energy = energy + c.intermediate_l2_coeff * _sumsq(hidden)
+        hidden_energy = hidden_energy + c.intermediate_l2_coeff * _sumsq(hidden)
+    energy = hidden_energy + 0.5 * _sumsq(e_sense) if w == 1 else w * hidden_energy + 0.5 * _sumsq(e_sense)
+    if w != 1:
+        e_sense = e_sense / w
 
     # --- backward: J^T e_below for every block at once (cotangent e_blocks; dE/dz = -J^T e) -------
-    d_act = mm.bmm(e_blocks, model.fc2_w.transpose(1, 2))  # (L, BN, M)
+    d_act = mm.bmm(e_blocks, w_fc2.transpose(1, 2))  # (L, BN, M)
     d_pre = torch.ops.aten.gelu_backward(d_act, pre, approximate="tanh")
     d_hat2 = mm.bmm(d_pre, w_fc1_ln.transpose(1, 2))  # (L, BN, H)
     d_z1 = _layer_norm_backward(d_hat2, z1, mu2, rs2).add_(e_blocks)
-    d_att = mm.bmm(d_z1, model.attn_o.transpose(1, 2))
+    d_att = mm.bmm(d_z1, w_o.transpose(1, 2))
     d_q, d_k, d_v = _attention_backward(backend, d_att, saved, L, B, N, nh, d, mm)  # each (LB, nh, N, d)
     d_hat1 = _qkv_grads_times(d_q, d_k, d_v, w_qkv_ln.transpose(1, 2), L, BN, mm)  # d(qkv) @ W^T, (L, BN, H)
     pulled = torch.empty_like(e)  # -dE/dg for g_1..g_{L+1}: (L+1, BN, H)
@@ -111,6 +121,9 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
         g_hidden.add_(hidden.sign(), alpha=c.intermediate_l1_coeff)
     if c.intermediate_l2_coeff:
         g_hidden.add_(hidden, alpha=2.0 * c.intermediate_l2_coeff)
+    if w != 1:
+        g_top.mul_(w)
+        g_hidden.mul_(w)
     return energy, g_top, g_hidden
 
 

@@ -61,6 +61,7 @@ class RunResult:
     device: str = "cpu"
     implementation: str = ""  # the config's, set by the run
     probe_accuracies: list[float] = field(default_factory=list)
+    probe_converged: bool = True  # False when any probe's head was trained too briefly to mean anything
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per epoch
     image_paths: list[str] = field(default_factory=list)
 

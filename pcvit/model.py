@@ -91,6 +91,10 @@ class PCViT(nn.Module):
             self.state_ln_w, self.state_ln_b = nn.Parameter(torch.ones(L + 1, H)), nn.Parameter(torch.zeros(L + 1, H))
         self.register_buffer("pos_embed", positional_encoding(self.grid, H, c.theta), persistent=False)
         self._residual = 2.0 if c.residual == "double" else 1.0  # how often the outer residual adds h
+        self._branch = c.branch_scale  # a: each residual branch (attention, MLP) is multiplied by it
+        # `energy_weighting`: weight of every hidden node's energy (the image's is 1); mean = image / node elements
+        self.hidden_node_weight = 1.0 if c.energy_weighting == "sum" else \
+            (channels * image_size ** 2) / (self.num_patches * H)
 
     # --- pieces shared by both implementations ---------------------------------------------------
     def project_top(self, h0: Tensor) -> Tensor:
@@ -109,7 +113,7 @@ class PCViT(nn.Module):
 
     # --- block predictions ------------------------------------------------------------------------
     def block_plain(self, l: int, z: Tensor) -> Tensor:
-        """u = r*z + attn(LN1(z)) + mlp(LN2(z + attn)) for block l, the spec line by line. (B, N, H)."""
+        """u = (r-1)*z + z1 + a*mlp(LN2(z1)), z1 = z + a*attn(LN1(z)), for block l, line by line. (B, N, H)."""
         B, N, H = z.shape
         nh, d = self.config.num_heads, self.config.head_dim
         a_in = _layer_norm(z, self.ln1_w[l], self.ln1_b[l])
@@ -118,10 +122,10 @@ class PCViT(nn.Module):
         v = (a_in @ self.attn_v[l]).reshape(B, N, nh, d).transpose(1, 2)
         weights = torch.softmax((q / math.sqrt(d)) @ k.transpose(-1, -2), dim=-1)  # (B, nh, N, N), over keys
         a = (weights @ v).transpose(1, 2).reshape(B, N, H) @ self.attn_o[l]  # heads concatenated in order
-        z1 = z + a
+        z1 = z + self._branch * a
         m = F.gelu(_layer_norm(z1, self.ln2_w[l], self.ln2_b[l]) @ self.fc1_w[l] + self.fc1_b[l], approximate="tanh")
         m = m @ self.fc2_w[l] + self.fc2_b[l]
-        return (self._residual - 1.0) * z + z1 + m
+        return (self._residual - 1.0) * z + z1 + self._branch * m
 
     def blocks_parallel(self, z: Tensor) -> Tensor:
         """All L blocks at once on their own inputs: (L, B, N, H) -> (L, B, N, H)."""
@@ -132,11 +136,11 @@ class PCViT(nn.Module):
         qkv = qkv.reshape(3, L * B, N, nh, d).transpose(2, 3)  # (3, L*B, nh, N, d): 4-D gets the fused kernels
         a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # scale 1/sqrt(d), no mask
         a = a.transpose(1, 2).reshape(L, B * N, H) @ self.attn_o  # (L, B*N, H), heads concatenated in order
-        z1 = z + a.reshape(L, B, N, H)
+        z1 = z + self._branch * a.reshape(L, B, N, H)
         m_in = _layer_norm(z1, self.ln2_w[:, None, None], self.ln2_b[:, None, None]).reshape(L, B * N, H)
         m = F.gelu(torch.baddbmm(self.fc1_b[:, None], m_in, self.fc1_w), approximate="tanh")
         m = torch.baddbmm(self.fc2_b[:, None], m, self.fc2_w).reshape(L, B, N, H)
-        return (self._residual - 1.0) * z + z1 + m
+        return (self._residual - 1.0) * z + z1 + self._branch * m
 
     def predict(self, h0: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Predictions of every node from the states above it.
@@ -171,9 +175,22 @@ class PCViT(nn.Module):
         sensory = 0.5 * (x - u_s).square().sum(dim=(1, 2, 3))  # (B,)
         return torch.cat([per_node.T, sensory[:, None]], dim=1)
 
+    def node_weights(self) -> Tensor:
+        """Weight of each node's energy in the total, (L+2,) for E_1..E_{L+1}, E_s: ones (`energy_weighting: sum`,
+        the original), or image elements / node elements (`mean`: per-element energies on the image's scale)."""
+        weights = torch.ones(self.config.num_blocks + 2, device=self.pos_embed.device)
+        weights[:-1] = self.hidden_node_weight
+        return weights
+
+    def total_energy(self, per_node: Tensor) -> Tensor:
+        """(B, L+2) node energies -> the total: summed over nodes (weighted by `node_weights`) and over the batch."""
+        if self.hidden_node_weight == 1.0:
+            return per_node.sum()
+        return (per_node * self.node_weights()).sum()
+
     def energy(self, x: Tensor, h0: Tensor, hidden: Tensor) -> Tensor:
         """Total energy: summed over nodes AND over the batch (not a mean), a scalar."""
-        return self.node_energies(x, h0, hidden).sum()
+        return self.total_energy(self.node_energies(x, h0, hidden))
 
     @torch.no_grad()
     def feedforward(self, h0: Tensor) -> tuple[Tensor, Tensor]:

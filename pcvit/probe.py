@@ -10,6 +10,7 @@ over the probe epochs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,20 +18,27 @@ from torch import Tensor
 
 from .config import Config
 from .data import ImageData
-from .inference import States, layer_scales, settle_states
+from .inference import States, init_states, layer_scales, settle_states
 from .model import PCViT
 
 
 @torch.no_grad()
 def extract_features(model: PCViT, states: States, images: Tensor, data: ImageData, config: Config) -> Tensor:
-    """(n, C, S, S) uint8 images -> (n, F) features; the model's states are left untouched."""
+    """(n, C, S, S) uint8 images -> (n, F) features; the model's states are left untouched.
+
+    Each batch starts from the model's current states (slot i from slot i), or, with
+    `use_status_init_in_unmasking`, from fresh states drawn from a generator seeded with `linear_probe_seed`."""
     scales = layer_scales(config)
     lr = config.hidden_lr_inference
     B = states.batch_size
+    fresh = torch.Generator().manual_seed(config.linear_probe_seed) if config.use_status_init_in_unmasking else None
     features = []
     for start in range(0, len(images), B):
         x = data.normalise(images[start:start + B])
-        start_states = states.head(len(x))  # slot i starts from slot i; a partial batch uses the first slots
+        if fresh is not None:
+            start_states = init_states(model, len(x), config.use_noise, fresh)
+        else:
+            start_states = states.head(len(x))  # slot i starts from slot i; a partial batch uses the first slots
         final = settle_states(model, x, start_states, config.probe_steps, lambda t: lr, config.hidden_momentum,
                               config.h_grad_clip_norm, scales)
         nodes = final.as_list()
@@ -45,21 +53,59 @@ def standardise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
     return (train - mean) / (std + 1e-7), (test - mean) / (std + 1e-7)
 
 
+@dataclass
+class ProbeFit:
+    """A fitted probe: its test accuracy, how many optimiser steps it took, and whether that was enough."""
+
+    accuracy: float
+    steps: int  # AdamW minibatch steps, or L-BFGS iterations
+    converged: bool  # adamw: at least linear_probe_min_steps steps; lbfgs: stopped by its tolerance, not its cap
+
+    def describe(self) -> str:
+        return "" if self.converged else f" (probe NOT converged: {self.steps} steps; raise linear_probe_epochs " \
+                                         "or use linear_probe_solver=lbfgs)"
+
+
+LBFGS_MAX_ITERATIONS = 1000
+
+
 def fit_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, config: Config,
-                     num_classes: int = 10) -> float:
-    """Train a linear softmax head on standardised features; best test accuracy over the probe epochs."""
+                     num_classes: int = 10) -> ProbeFit:
+    """Train a linear softmax head on standardised features and measure it on the test features.
+
+    adamw (the original): linear_probe_epochs of shuffled minibatches, best test accuracy over the epochs.
+    lbfgs: the same loss (mean cross-entropy + the decay as an L2 penalty) on the whole set until converged."""
     train_x, test_x = standardise(train_x.float(), test_x.float())
     if not (torch.isfinite(train_x).all() and torch.isfinite(test_x).all()):
-        return 1.0 / num_classes  # NaN features carry no information: chance level
+        return ProbeFit(1.0 / num_classes, 0, True)  # NaN features carry no information: chance level
     generator = torch.Generator().manual_seed(config.linear_probe_seed)
     n_features = train_x.shape[1]
     bound = math.sqrt(6.0 / (n_features + num_classes))  # glorot-uniform weights, zero bias
     weight = torch.empty(n_features, num_classes).uniform_(-bound, bound, generator=generator)
     weight = weight.to(train_x.device).requires_grad_(True)
     bias = torch.zeros(num_classes, device=train_x.device, requires_grad=True)
+
+    def test_accuracy() -> float:
+        with torch.no_grad():
+            return ((test_x @ weight + bias).argmax(dim=1) == test_y).float().mean().item()  # GPU sync
+
+    if config.linear_probe_solver == "lbfgs":
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=LBFGS_MAX_ITERATIONS, history_size=20,
+                                      tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(train_x @ weight + bias, train_y) + 0.5 * config.linear_probe_wd * weight.square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        iterations = optimizer.state[optimizer._params[0]]["n_iter"]
+        return ProbeFit(test_accuracy(), iterations, iterations < LBFGS_MAX_ITERATIONS)
+
     optimizer = torch.optim.AdamW([weight, bias], lr=config.linear_probe_lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=config.linear_probe_wd)
-    best = 0.0
+    best, steps = 0.0, 0
     B = config.linear_probe_batch_size
     for _ in range(config.linear_probe_epochs):
         order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
@@ -69,13 +115,12 @@ def fit_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: T
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        with torch.no_grad():
-            accuracy = ((test_x @ weight + bias).argmax(dim=1) == test_y).float().mean().item()  # GPU sync
-        best = max(best, accuracy)
-    return best
+            steps += 1
+        best = max(best, test_accuracy())
+    return ProbeFit(best, steps, steps >= config.linear_probe_min_steps)
 
 
-def probe_accuracy(model: PCViT, states: States, data: ImageData, config: Config) -> float:
+def probe_accuracy(model: PCViT, states: States, data: ImageData, config: Config) -> ProbeFit:
     """The whole probe: features of the training subset and of the first `test_subset` test images."""
     train_features = extract_features(model, states, data.train_images, data, config)
     test_features = extract_features(model, states, data.test_images[: config.test_subset], data, config)
@@ -83,7 +128,7 @@ def probe_accuracy(model: PCViT, states: States, data: ImageData, config: Config
                             data.test_labels[: config.test_subset], config)
 
 
-def raw_patch_baseline(data: ImageData, config: Config) -> float:
+def raw_patch_baseline(data: ImageData, config: Config) -> ProbeFit:
     """The same probe protocol on the global average of the raw image patches (no model): a floor to beat."""
     from .model import patchify
 

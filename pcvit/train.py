@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .config import Config, ConfigError
 from .data import ImageData, load_data
+from .diagnostics import NodeDiagnostics
 from .images import save_reconstruction_grid
 from .inference import States, init_states, layer_scales, settle_states
 from .listeners import Listener, RunResult
@@ -52,6 +53,7 @@ class Run:
         self.optim_w = make_weight_optimizer(self.model, config)
         self.states = init_states(self.model, config.batch_size, config.use_noise, self.generator)
         self.scales = layer_scales(config)
+        self.diagnostics = NodeDiagnostics()
         self.batches_per_epoch = len(data.train_images) // config.batch_size  # the last partial batch is dropped
         if self.batches_per_epoch == 0:
             raise ConfigError("batch_size", f"{config.batch_size} is larger than the {len(data.train_images)} "
@@ -87,19 +89,33 @@ class Run:
         return settle_states(self.model, x, states, steps, self.hidden_lr_at, c.hidden_momentum, c.h_grad_clip_norm,
                              self.scales, **kwargs)
 
+    def start_states(self, batch_size: int, fresh: bool, generator: torch.Generator | None = None) -> States:
+        """Where a batch's inference starts: fresh states (pcx STATUS.INIT: h0 redrawn, every other state := its
+        prediction from the top) when `fresh`, else the states carried over from the previous operation."""
+        if fresh:
+            return init_states(self.model, batch_size, self.config.use_noise, generator or self.generator)
+        return self.states if batch_size == self.states.batch_size else self.states.head(batch_size)
+
     def train_on_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Settle, one weight step, reconstruct. Returns (energy at the weight step, train MSE) as tensors."""
         c = self.config
-        final = self.settle(x, self.states, c.inference_steps)
+        start = self.start_states(len(x), c.use_status_init_in_training)
+        final = self.settle(x, start, c.inference_steps)
         set_lr(self.optim_w, weight_lr(c, self.global_step, self.total_steps))
         self.optim_w.zero_grad(set_to_none=True)
+        diagnose = c.node_diagnostics
+        top = final.top.detach().requires_grad_(diagnose)  # dE/dh at the settled states comes with the backward
+        hidden = final.hidden.detach().requires_grad_(diagnose)
         with torch.enable_grad():
-            energy = self.model.energy(x, final.top, final.hidden)  # learning is local: each weight sees its node
+            per_node = self.model.node_energies(x, top, hidden)  # learning is local: each weight sees its node
+            energy = self.model.total_energy(per_node)
             energy.backward()
         scale_and_clip_grads(list(self.model.parameters()), len(x), c.w_grad_clip_norm)
         self.optim_w.step()
         self.global_step += 1
         self.states = final
+        if diagnose:
+            self.diagnostics.add(per_node.detach(), start, final, top.grad, hidden.grad)
         return energy.detach(), clipped_mse(self.model.reconstruct(final.top), x)
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -113,8 +129,9 @@ class Run:
             if t == T - 1:
                 seen["xhat"] = self.model.reconstruct(states.top)
 
-        final = self.settle(x, self.states.head(slots), T, before_step=record)
-        self.states.top[:slots], self.states.hidden[:, :slots] = final.top, final.hidden
+        final = self.settle(x, self.start_states(slots, self.config.use_status_init_in_unmasking), T,
+                            before_step=record)
+        self.states.top[:slots], self.states.hidden[:, :slots] = final.top, final.hidden  # written back, as the original
         return seen["xhat"]
 
     def validate(self) -> dict[str, float]:
@@ -207,6 +224,7 @@ class Run:
             "lr_weights": weight_lr(c, (epoch - 1) * self.batches_per_epoch, self.total_steps),
             "lr_hidden_logged": hidden_lr(c, (epoch - 1) * self.batches_per_epoch, self.total_steps),
             "lr_hidden_max_used": max(self.hidden_lr_at(t) for t in range(c.inference_steps)),
+            **self.diagnostics.summary(),  # per-node energies, state sizes, top-latent movement (GPU sync)
         }
         r.epochs_run = epoch
         r.final_train_mse = train_mse
@@ -227,8 +245,11 @@ class Run:
             r.best_val_mse = min(r.best_val_mse, metrics["val_mse"])
         if c.linear_probe_every_n_epochs and epoch % c.linear_probe_every_n_epochs == 0:
             t_probe = time.perf_counter()
-            accuracy = probe_accuracy(self.model, self.states, self.data, c)
+            fit = probe_accuracy(self.model, self.states, self.data, c)
+            accuracy = fit.accuracy
             metrics["probe_accuracy"], metrics["probe_time_s"] = accuracy, time.perf_counter() - t_probe
+            metrics["probe_steps"], metrics["probe_converged"] = fit.steps, fit.converged
+            r.probe_converged = r.probe_converged and fit.converged
             r.probe_accuracies.append(accuracy)
             r.best_probe_accuracy = max(r.best_probe_accuracy, accuracy)
             for listener in self.listeners:

@@ -16,14 +16,15 @@ def test_probe_separates_linearly_separable_features():
     config = tiny_config(linear_probe_epochs=5, linear_probe_batch_size=50, linear_probe_lr=1e-2)
     train_x, train_y = blobs(2000, 48, separation=5.0, seed=1)
     test_x, test_y = blobs(500, 48, separation=5.0, seed=2)
-    assert fit_linear_probe(train_x, train_y, test_x, test_y, config) > 0.97
+    assert fit_linear_probe(train_x, train_y, test_x, test_y, config).accuracy > 0.97
 
 
 def test_probe_is_at_chance_on_noise():
     config = tiny_config(linear_probe_epochs=3, linear_probe_batch_size=50)
     g = torch.Generator().manual_seed(3)
     accuracy = fit_linear_probe(torch.randn(2000, 48, generator=g), torch.randint(0, 10, (2000,), generator=g),
-                                torch.randn(1000, 48, generator=g), torch.randint(0, 10, (1000,), generator=g), config)
+                                torch.randn(1000, 48, generator=g), torch.randint(0, 10, (1000,), generator=g),
+                                config).accuracy
     assert 0.05 < accuracy < 0.16
 
 
@@ -38,4 +39,17 @@ def test_probe_reports_chance_for_nan_features():
     config = tiny_config()
     nan = torch.full((20, 4), float("nan"))
     assert fit_linear_probe(nan, torch.zeros(20, dtype=torch.long), nan, torch.zeros(20, dtype=torch.long),
-                            config) == 0.1
+                            config).accuracy == 0.1
+
+
+def test_lbfgs_probe_converges_where_one_adamw_epoch_does_not():
+    train_x, train_y = blobs(2000, 16, separation=1.0, seed=4)  # overlapping classes: the head must be fitted well
+    test_x, test_y = blobs(1000, 16, separation=1.0, seed=5)
+    short = fit_linear_probe(train_x, train_y, test_x, test_y, tiny_config(linear_probe_batch_size=200))
+    lbfgs = fit_linear_probe(train_x, train_y, test_x, test_y, tiny_config(linear_probe_solver="lbfgs"))
+    long = fit_linear_probe(train_x, train_y, test_x, test_y,
+                            tiny_config(linear_probe_batch_size=200, linear_probe_epochs=300, linear_probe_lr=1e-2))
+    assert short.steps == 10 and not short.converged and "NOT converged" in short.describe()
+    assert lbfgs.converged and 0 < lbfgs.steps < 1000 and long.converged
+    assert lbfgs.accuracy > short.accuracy + 0.1  # ten AdamW steps from a random head measure the start, not the data
+    assert abs(lbfgs.accuracy - long.accuracy) < 0.02  # the two solvers agree once both have converged
