@@ -6,6 +6,7 @@ and the per-node diagnostics. The hand-written VJP is checked against autograd f
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from pcvit.probe import extract_features, raw_patch_baseline
 from pcvit.train import Run
 
 from tests.core_helpers import random_images, random_states, tiny_config, tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
 
 OPTIONS = list(itertools.product(["1", "1/sqrt(L)", "1/L"], ["sum", "mean"], ["double", "single"]))
 
@@ -161,3 +164,15 @@ def test_baseline_uses_the_configured_probe_solver():
     assert fit.converged and fit.steps > 10
     short = raw_patch_baseline(load_data(tiny_config()), tiny_config())
     assert not short.converged and short.steps == 4  # one epoch over 64 images in minibatches of 16
+
+
+def test_a_study_file_with_an_impossible_option_is_refused_naming_the_key(tmp_path):
+    from studies.spec import StudyFileError, load_spec
+
+    text = (REPO / "studies" / "fashion-mnist-12block.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace('choices: ["1", "1/sqrt(L)", "1/L"]', 'choices: ["1", "1/3"]'))
+    assert load_spec(REPO / "studies" / "fashion-mnist-12block.yaml").space["residual_branch_scale"]
+    with pytest.raises(StudyFileError) as info:
+        load_spec(bad)
+    assert "space.residual_branch_scale" in str(info.value) and "1/3" in str(info.value)
