@@ -4,11 +4,13 @@ For every training batch, from quantities the batch computes anyway (no extra fo
 
     node_energy[i]    mean per-sample energy of node i at the weight step   (E_1..E_{L+1}, then E_s)
     state_rms[i]      RMS of the settled state h_i                            (h_0..h_{L+1})
-    grad_norm[i]      ||dE/dh_i|| over the batch at the settled states        (h_0..h_{L+1}; unscaled)
+    grad_norm[i]      ||dE/dh_i|| over the batch at the settled states        (h_0..h_{L+1}; unscaled;
+                      the epoch's last batch only: it needs the weight step's backward to reach the states)
     top_move_rms      RMS of h_0(end) - h_0(start): how far inference moved the top latent in T steps
     top_rms_start     RMS of h_0 at the start of the batch (so the move can be read relative to it)
 
-Averaged over the epoch's batches as tensors; one GPU sync per epoch, in `summary()`.
+Averaged over the epoch's batches as tensors; one GPU sync per epoch, in `summary()`. Measured cost:
+`benchmarks/bench_diagnostics.py`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class NodeDiagnostics:
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
         self.batches = 0
+        self.last_grad_norm: Tensor | None = None
 
     def add(self, per_node: Tensor, start, final, g_top: Tensor | None, g_hidden: Tensor | None) -> None:
         """per_node (B, L+2) node energies; start/final the batch's `States`; g_* = dE/dh at the final states."""
@@ -39,20 +42,21 @@ class NodeDiagnostics:
                 "top_move_rms": _rms(final.top - start.top),
                 "top_rms_start": _rms(start.top),
             }
-            if g_top is not None and g_hidden is not None:
-                values["grad_norm"] = torch.cat([torch.linalg.vector_norm(g_top)[None],
-                                                 torch.linalg.vector_norm(g_hidden, dim=(1, 2, 3))])
             for key, value in values.items():
                 self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+            if g_top is not None and g_hidden is not None:  # a value of one batch, not summed
+                self.last_grad_norm = torch.cat([torch.linalg.vector_norm(g_top)[None],
+                                                 torch.linalg.vector_norm(g_hidden, dim=(1, 2, 3))])
         self.batches += 1
 
     def summary(self) -> dict[str, float | list[float]]:
         """Epoch means: lists per node for NODE_LISTS, floats otherwise (one GPU sync). Empty if nothing was added."""
         out: dict[str, float | list[float]] = {}
         for key, total in self.sums.items():
-            mean = (total / self.batches).tolist()  # GPU sync
-            out[key] = mean
-        self.sums, self.batches = {}, 0
+            out[key] = (total / self.batches).tolist()  # GPU sync
+        if self.last_grad_norm is not None:
+            out["grad_norm"] = self.last_grad_norm.tolist()
+        self.sums, self.batches, self.last_grad_norm = {}, 0, None
         return out
 
 

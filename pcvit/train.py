@@ -96,16 +96,19 @@ class Run:
             return init_states(self.model, batch_size, self.config.use_noise, generator or self.generator)
         return self.states if batch_size == self.states.batch_size else self.states.head(batch_size)
 
-    def train_on_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Settle, one weight step, reconstruct. Returns (energy at the weight step, train MSE) as tensors."""
+    def train_on_batch(self, x: Tensor, last_of_epoch: bool = True) -> tuple[Tensor, Tensor]:
+        """Settle, one weight step, reconstruct. Returns (energy at the weight step, train MSE) as tensors.
+
+        With `node_diagnostics`, every batch adds its node energies, state sizes and top-latent movement;
+        the last batch of an epoch also its dE/dh at the settled states (the backward then also reaches them)."""
         c = self.config
         start = self.start_states(len(x), c.use_status_init_in_training)
         final = self.settle(x, start, c.inference_steps)
         set_lr(self.optim_w, weight_lr(c, self.global_step, self.total_steps))
         self.optim_w.zero_grad(set_to_none=True)
         diagnose = c.node_diagnostics
-        top = final.top.detach().requires_grad_(diagnose)  # dE/dh at the settled states comes with the backward
-        hidden = final.hidden.detach().requires_grad_(diagnose)
+        top = final.top.detach().requires_grad_(diagnose and last_of_epoch)  # dE/dh at the settled states
+        hidden = final.hidden.detach().requires_grad_(diagnose and last_of_epoch)
         with torch.enable_grad():
             per_node = self.model.node_energies(x, top, hidden)  # learning is local: each weight sees its node
             energy = self.model.total_energy(per_node)
@@ -208,7 +211,7 @@ class Run:
             x = self.data.normalise(self.data.train_images[order[b * c.batch_size:(b + 1) * c.batch_size]])
             if self.interrupted:  # the partial epoch is dropped: epochs_run counts completed epochs
                 return self._stop_as_requested()
-            energy, mse = self.train_on_batch(x)
+            energy, mse = self.train_on_batch(x, last_of_epoch=b == self.batches_per_epoch - 1)
             energy_sum += energy
             mse_sum += mse
             n_batches += 1
