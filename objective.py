@@ -46,7 +46,7 @@ from studies.worker import join_study, open_existing_study, run_worker
 log = logging.getLogger("pcvit.objective")
 RESULT_ATTRS = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run",
                 "stop_reason", "stop_detail", "diverged", "divergence_epoch", "wall_time_s", "device",
-                "implementation")
+                "implementation", "probe_converged", "node_diagnostics")
 
 
 def suggest_config(trial: optuna.Trial | optuna.trial.FixedTrial, spec: StudySpec) -> dict[str, Any]:

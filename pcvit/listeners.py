@@ -62,6 +62,7 @@ class RunResult:
     implementation: str = ""  # the config's, set by the run
     probe_accuracies: list[float] = field(default_factory=list)
     probe_converged: bool = True  # False when any probe's head was trained too briefly to mean anything
+    node_diagnostics: dict[str, Any] = field(default_factory=dict)  # the last epoch's (pcvit/diagnostics.py)
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per epoch
     image_paths: list[str] = field(default_factory=list)
 

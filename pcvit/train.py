@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .config import Config, ConfigError
 from .data import ImageData, load_data
-from .diagnostics import NodeDiagnostics
+from .diagnostics import NODE_LISTS, NodeDiagnostics
 from .images import save_reconstruction_grid
 from .inference import States, init_states, layer_scales, settle_states
 from .listeners import Listener, RunResult
@@ -230,6 +230,7 @@ class Run:
             **self.diagnostics.summary(),  # per-node energies, state sizes, top-latent movement (GPU sync)
         }
         r.epochs_run = epoch
+        r.node_diagnostics = {k: metrics[k] for k in (*NODE_LISTS, "top_move_rms", "top_rms_start") if k in metrics}
         r.final_train_mse = train_mse
         if not (math.isfinite(train_mse) and math.isfinite(train_energy)) or not bool(self.states.is_finite()):
             r.diverged, r.divergence_epoch = True, epoch

@@ -150,9 +150,11 @@ def test_diagnostics_report_every_node_and_match_the_state_gradient():
     assert run.diagnostics.summary() == {}  # summary() starts a new epoch
 
 
-def test_diagnostics_reach_the_epoch_metrics_and_can_be_switched_off():
-    on = synthetic_run(epochs=1, linear_probe_every_n_epochs=0).run().history[-1]
+def test_diagnostics_reach_the_epoch_metrics_and_the_result_and_can_be_switched_off():
+    result = synthetic_run(epochs=1, linear_probe_every_n_epochs=0).run()
+    on = result.history[-1]
     off = synthetic_run(epochs=1, linear_probe_every_n_epochs=0, node_diagnostics=False).run().history[-1]
+    assert result.node_diagnostics["state_rms"] == on["state_rms"] and len(on["grad_norm"]) == 4
     assert {"node_energy", "state_rms", "grad_norm", "top_move_rms"} <= set(on)
     assert "node_energy" not in off
     assert on["train_mse"] == off["train_mse"]  # diagnostics observe; they change nothing

@@ -22,7 +22,8 @@ from tests.runner_helpers import TINY_FIXED, one_thread, run_workers_to_the_end,
 
 OPTUNA_CLI = str(pathlib.Path(sys.executable).parent / "optuna")
 RECORD = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run", "stop_reason",
-          "diverged", "wall_time_s", "device", "implementation", "versions", "seed", "sampler_seed", "worker")
+          "diverged", "wall_time_s", "device", "implementation", "versions", "seed", "sampler_seed", "worker",
+          "probe_converged", "node_diagnostics")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
