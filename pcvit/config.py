@@ -58,6 +58,8 @@ class Config:
     intermediate_l1_coeff: float = 0.0  # lambda1 * sum|h_i| on nodes 1..L+1
     intermediate_l2_coeff: float = 0.0  # lambda2 * sum h_i^2 (no 1/2), nodes 1..L+1
     use_lr_schedule_h: bool = True  # quirk: schedule evaluated at the inference-step index t
+    use_vode_grad_norm: bool = False  # rescale each node's layer-scaled dE/dh (whole batch) to norm
+    vode_grad_norm_target: float = 1.0  # <- this before the global clip (the original's switch and default)
     hidden_lr_inference: float = 0.095  # constant state lr of the probe's feature extraction
 
     # --- weights -------------------------------------------------------------------------------
@@ -110,7 +112,6 @@ class Config:
     # --- original switches kept for fidelity; only the original sweep's value is implemented ---
     use_ssl_augmentations: bool = False
     update_weights_every_inference_step: bool = False
-    use_vode_grad_norm: bool = False
     use_adamw_for_hidden_optimizer: bool = False
     reinitialize_model_for_each_epoch: bool = False
 
@@ -232,7 +233,7 @@ def _validate(c: Config) -> None:
                  "linear_probe_epochs", "linear_probe_batch_size", "divergence_check_every"):
         need(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}")
     for name in ("peak_lr_hidden", "peak_lr_weights", "hidden_lr_inference", "h_grad_clip_norm", "w_grad_clip_norm",
-                 "theta", "mlp_ratio", "inference_lr_scale_base", "linear_probe_lr"):
+                 "theta", "mlp_ratio", "inference_lr_scale_base", "linear_probe_lr", "vode_grad_norm_target"):
         need(getattr(c, name) > 0, name, f"must be > 0, got {getattr(c, name)}")
     for name in ("hidden_momentum", "weight_decay", "intermediate_l1_coeff", "intermediate_l2_coeff",
                  "early_stopping_min_delta", "linear_probe_wd"):
@@ -273,7 +274,7 @@ def _validate(c: Config) -> None:
         need(0 <= i <= c.num_blocks + 1, "linear_probe_vode_indices",
              f"node {i} is out of range: probe nodes are 0..{c.num_blocks + 1} for {c.num_blocks} blocks "
              "(0 = top latent; the sensory node is the image itself)")
-    for name in ("use_ssl_augmentations", "update_weights_every_inference_step", "use_vode_grad_norm", "use_adamw_for_hidden_optimizer",
+    for name in ("use_ssl_augmentations", "update_weights_every_inference_step", "use_adamw_for_hidden_optimizer",
                  "reinitialize_model_for_each_epoch"):
         need(getattr(c, name) is False, name,
              "only false is implemented (the value the original 12-block sweep ran with)")

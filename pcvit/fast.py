@@ -35,6 +35,7 @@ from torch import Tensor
 from .model import LN_EPS, PCViT, patchify
 
 ATTENTION_BACKENDS = ("auto", "math", "fused")
+VODE_GRAD_NORM_EPS = 1e-8  # use_vode_grad_norm: g / (||g|| + eps) * target, as the original
 
 
 @torch.no_grad()  # the weights require grad; nothing here may record a graph through them
@@ -128,20 +129,28 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
 
 
 def state_step_(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor, m_top: Tensor, m_hidden: Tensor, lr: Tensor,
-                momentum: float, clip_norm: float, scale_top: float, scale_hidden: Tensor) -> tuple[Tensor, Tensor]:
+                momentum: float, clip_norm: float, scale_top: float, scale_hidden: Tensor,
+                grad_norm_target: float | None = None) -> tuple[Tensor, Tensor]:
     """One inference step of `inference.settle_states`, in place on the states and momentum buffers.
 
-    g = layer-scaled dE/dh, clipped by ONE global norm; m <- g + momentum*m; h <- h - lr*m. Momentum buffers
-    start as zeros, which gives settle_states' first step (m = g) exactly. `lr` is a 0-d tensor so that a
-    compiled step is not re-specialised for every value of the schedule. Returns (energy before, norm).
+    g = layer-scaled dE/dh (each node's rescaled to norm `grad_norm_target` when given: use_vode_grad_norm),
+    clipped by ONE global norm; m <- g + momentum*m; h <- h - lr*m. Momentum buffers start as zeros, which gives
+    settle_states' first step (m = g) exactly. `lr` is a 0-d tensor so that a compiled step is not re-specialised
+    for every value of the schedule. Returns (energy before, norm).
     """
     energy, g_top, g_hidden = energy_and_state_grads(model, x, top, hidden)
     # ||scaled g||^2 from per-node sums: no scaled copy of g is ever written
     node_sq = torch.linalg.vector_norm(g_hidden, dim=(1, 2, 3)).square()  # (L+1,)
-    norm = torch.sqrt(scale_top ** 2 * _sumsq(g_top) + (node_sq * scale_hidden.reshape(-1).square()).sum())
+    top_sq = _sumsq(g_top)
+    mult_top, mult_hidden = scale_top, scale_hidden  # what multiplies each node's raw gradient
+    if grad_norm_target is not None:
+        mult_top = scale_top * grad_norm_target / (scale_top * top_sq.sqrt() + VODE_GRAD_NORM_EPS)
+        mult_hidden = scale_hidden * grad_norm_target / (scale_hidden * node_sq.sqrt().reshape(-1, 1, 1, 1)
+                                                         + VODE_GRAD_NORM_EPS)
+    norm = torch.sqrt(mult_top ** 2 * top_sq + (node_sq * mult_hidden.reshape(-1).square()).sum())
     factor = torch.where(norm >= clip_norm, clip_norm / norm, torch.ones_like(norm))  # no epsilon, as optax
-    m_top.mul_(momentum).add_(g_top.mul_(factor * scale_top))
-    m_hidden.mul_(momentum).addcmul_(g_hidden, scale_hidden * factor)
+    m_top.mul_(momentum).add_(g_top.mul_(factor * mult_top))
+    m_hidden.mul_(momentum).addcmul_(g_hidden, mult_hidden * factor)
     top.addcmul_(m_top, lr, value=-1.0)
     hidden.addcmul_(m_hidden, lr, value=-1.0)
     return energy, norm
@@ -157,8 +166,11 @@ def settle_states_inplace(model: PCViT, x: Tensor, states, steps: int, lr_at, mo
     m_top, m_hidden = torch.zeros_like(top), torch.zeros_like(hidden)
     scale_hidden = scales[1:].to(hidden.dtype).to(hidden.device)[:, None, None, None]
     lrs = torch.tensor([lr_at(t) for t in range(steps)], dtype=hidden.dtype).to(hidden.device)  # one copy
+    c = model.config
+    target = c.vode_grad_norm_target if c.use_vode_grad_norm else None
     for t in range(steps):
-        step(model, x, top, hidden, m_top, m_hidden, lrs[t], momentum, clip_norm, float(scales[0]), scale_hidden)
+        step(model, x, top, hidden, m_top, m_hidden, lrs[t], momentum, clip_norm, float(scales[0]), scale_hidden,
+             target)
     return type(states)(top, hidden)
 
 

@@ -4,6 +4,7 @@ One inference step (the original's `train_on_batch`, step 3):
 
     g_i = dE/dh_i                           for every node i = 0..L+1 (the sensory node is clamped)
     g_i <- base^(L+1-i) * g_i               layer scaling: the top latent moves most
+    g_i <- g_i / ||g_i|| * target           only with use_vode_grad_norm: every node the same step size
     g   <- g * c / ||g||   if ||g|| >= c    ONE global norm over all nodes and the whole batch
     m_i <- g_i + mu * m_i                   SGD momentum, buffers reset every batch
     h_i <- h_i - lr(t) * m_i                lr evaluated at the inference-step index t
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .config import Config
-from .fast import energy_and_state_grads, settle_states_inplace
+from .fast import VODE_GRAD_NORM_EPS, energy_and_state_grads, settle_states_inplace
 from .model import PCViT
 
 
@@ -115,6 +116,11 @@ def settle_states(model: PCViT, x: Tensor, states: States, steps: int, lr_at: Ca
         energy, g_top, g_hidden = state_grads(model, x, States(top, hidden))
         g_top = g_top * scale_top
         g_hidden = g_hidden * scale_hidden
+        if model.config.use_vode_grad_norm:  # every node's whole-batch gradient to the same norm
+            target = model.config.vode_grad_norm_target
+            g_top = g_top / (g_top.norm() + VODE_GRAD_NORM_EPS) * target
+            g_hidden = g_hidden / (torch.linalg.vector_norm(g_hidden, dim=(1, 2, 3), keepdim=True)
+                                   + VODE_GRAD_NORM_EPS) * target
         norm = torch.sqrt(g_top.square().sum() + g_hidden.square().sum())
         clipped = norm >= clip_norm
         factor = torch.where(clipped, clip_norm / norm, torch.ones_like(norm))  # no epsilon, as optax

@@ -178,3 +178,26 @@ def test_a_study_file_with_an_impossible_option_is_refused_naming_the_key(tmp_pa
     with pytest.raises(StudyFileError) as info:
         load_spec(bad)
     assert "space.residual_branch_scale" in str(info.value) and "1/3" in str(info.value)
+
+
+def test_vode_grad_norm_gives_every_node_the_same_step_in_every_implementation():
+    """The original's use_vode_grad_norm: after layer scaling each node's whole-batch gradient has norm `target`
+    (so with momentum 0 and no clip, every node moves by exactly lr * target in the first step)."""
+    from pcvit.inference import layer_scales, settle_states
+
+    moved = {}
+    for implementation in ("plain", "vjp"):
+        config = tiny_config(num_blocks=3, implementation=implementation, use_vode_grad_norm=True,
+                             vode_grad_norm_target=0.5)
+        model = tiny_model(config)
+        x, start = random_images(model, 3), random_states(model, 3)
+        end = settle_states(model, x, start, 1, lambda t: 0.1, 0.0, 1e9, layer_scales(config))
+        moved[implementation] = torch.stack([(end.top - start.top).norm()] +
+                                            [(a - b).norm() for a, b in zip(end.hidden, start.hidden)])
+        assert moved[implementation].tolist() == pytest.approx([0.05] * 5, rel=1e-4)
+        two = settle_states(model, x, start, 3, lambda t: 0.1, 0.4, 1e9, layer_scales(config))
+        moved[implementation + "3"] = two.hidden
+    assert relative_error(moved["vjp3"], moved["plain3"]) < 1e-5
+    off = tiny_model(tiny_config(num_blocks=3))
+    end = settle_states(off, x, start, 1, lambda t: 0.1, 0.0, 1e9, layer_scales(off.config))
+    assert (end.top - start.top).norm().item() != pytest.approx(0.05, rel=1e-2)  # off by default
