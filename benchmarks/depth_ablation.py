@@ -28,6 +28,8 @@ ROWS = {
     "energy_mean": ["energy_weighting=mean"],
     "no_noise": ["use_noise=false"],
     "probe_T100": ["linear_probe_inference_steps=100"],
+    "vgn10": ["use_vode_grad_norm=true", "vode_grad_norm_target=10"],
+    "vgn50": ["use_vode_grad_norm=true", "vode_grad_norm_target=50"],
     "best": ["use_status_init_in_training=true", "use_status_init_in_unmasking=true", "residual=single",
              "residual_branch_scale=1/L", "use_noise=false"],
 }
