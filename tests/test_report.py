@@ -148,3 +148,14 @@ def test_rank_sum_and_quartiles():
     assert rank_sum_p([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(0.0090, abs=5e-4)  # exact: 0.0079
     assert rank_sum_p([1, 3, 5, 7, 9], [2, 4, 6, 8, 10]) > 0.5
     assert quartiles([1, 2, 3, 4, 5]) == (2, 3, 4)
+
+
+def test_report_to_dashboard_writes_the_study_note(tmp_path, capsys):
+    from optuna_dashboard import get_note
+
+    url, study = make_study(tmp_path, pruning_biased_trials())
+    assert cli.main(["report", "--storage", url, "--study-name", "tiny", "--to-dashboard"]) == 0
+    printed = capsys.readouterr().out
+    note = get_note(optuna.load_study(study_name="tiny", storage=storage.open_storage(url)))
+    assert printed.rstrip() in note and note.index("## Study tiny") < note.index("## The study file")
+    assert "questions:\n- question: Does layer norm help?" in note  # the file as written, whole
