@@ -27,6 +27,7 @@ from studies.worker import SURPLUS
 
 MIN_PER_GROUP = 5
 ALPHA = 0.05
+MIN_FOR_P = 10  # Spearman's p from the t approximation means little below this
 # The document's success targets: (key, trial attribute, threshold, below?, text)
 TARGETS = (
     ("probe_accuracy", "best_probe_accuracy", 0.35, False, "linear probe accuracy > 35% (primary)"),
@@ -111,7 +112,8 @@ def parameter_summary(trials: list[FrozenTrial], name: str, param: dict, metric:
         pairs = [(value_of(t, name, param), trial_measure(t, metric, maximize)) for t in trials]
         pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
         rho = spearman(pairs)
-        result["spearman"] = None if rho is None else {"rho": rho, "n": len(pairs), "p": spearman_p(rho, len(pairs))}
+        p = spearman_p(rho, len(pairs)) if rho is not None and len(pairs) >= MIN_FOR_P else None
+        result["spearman"] = None if rho is None else {"rho": rho, "n": len(pairs), "p": p}
     for row in rows:
         row.pop("_measures")
     return result
@@ -232,11 +234,11 @@ def render_markdown(s: dict[str, Any]) -> str:
                      f"{'rate' if t['target'] == 'divergence' else 'best'} {best})")
     c = s["compute"]
     lines += ["", "### Compute", "",
-              f"- spent: {c['wall_hours']:.2f} h of trial wall time over {c['finished_trials']} finished trials, "
-              f"{c['gpu_hours']:.2f} GPU-hours"]
+              f"- spent: {_duration(c['wall_hours'])} of trial wall time over {c['finished_trials']} finished "
+              f"trials, {c['gpu_hours']:.2f} GPU-hours"]
     if c["hours_per_trial"] is not None:
-        lines.append(f"- projected to the budget of {c['budget']} trials: {c['projected_wall_hours']:.1f} h, "
-                     f"{c['projected_gpu_hours']:.1f} GPU-hours ({c['hours_per_trial'] * 60:.1f} min per trial)")
+        lines.append(f"- projected to the budget of {c['budget']} trials: {_duration(c['projected_wall_hours'])}, "
+                     f"{c['projected_gpu_hours']:.1f} GPU-hours ({_duration(c['hours_per_trial'])} per trial)")
     lines += ["", f"Measure: {s['measure']}; median [quartiles] over the measured trials (n)."]
     for i, q in enumerate(s["questions"], 1):
         lines += ["", f"### Q{i}. {q['question']}"]
@@ -260,9 +262,15 @@ def _parameter_lines(p: dict[str, Any]) -> list[str]:
     lines += ["", f"Verdict: {p['verdict']['text']}."]
     rho = p.get("spearman")
     if rho:
-        lines.append(f"Spearman rank correlation with the measure: {rho['rho']:+.2f} (n = {rho['n']}, "
-                     f"p = {rho['p']:.2g}).")
+        p_text = f"p = {rho['p']:.2g}" if rho["n"] >= MIN_FOR_P else f"too few for a p-value below {MIN_FOR_P}"
+        lines.append(f"Spearman rank correlation with the measure: {rho['rho']:+.2f} (n = {rho['n']}, {p_text}).")
     return lines
+
+
+def _duration(hours: float) -> str:
+    if hours >= 1:
+        return f"{hours:.2f} h"
+    return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.0f} s"
 
 
 def _pct(part: int, whole: int) -> str:

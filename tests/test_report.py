@@ -86,14 +86,17 @@ def test_report_counts_pruned_trials_and_gives_a_verdict_only_with_evidence(tmp_
     assert "diverged trials < 20% (secondary): **met** (17 of 18 trials; rate 6%)" in out
     assert "best_probe_accuracy against the 6-block best (0.3): **met**" in out
     assert "9.00 h of trial wall time over 18 finished trials, 8.50 GPU-hours" in out
-    assert "projected to the budget of 20 trials: 10.0 h, 9.4 GPU-hours (30.0 min per trial)" in out
+    assert "projected to the budget of 20 trials: 10.00 h, 9.4 GPU-hours (30.0 min per trial)" in out
+    assert "Spearman rank correlation with the measure: +0.16 (n = 18, p = 0.53)" in out
 
 
 def test_report_without_enough_trials_says_why_there_is_no_verdict(tmp_path, capsys):
     url, _ = make_study(tmp_path, [trial(False, 0.05, [0.2]), trial(True, 0.06, [0.3]), trial(True, 0.07, [0.31])])
     assert cli.main(["report", "--storage", url, "--study-name", "tiny"]) == 0
+    out = capsys.readouterr().out
     assert "no verdict: too few trials (needs 5 measured per value for two values or more; measured False: 1, " \
-           "True: 2)" in capsys.readouterr().out
+           "True: 2)" in out
+    assert "Spearman rank correlation with the measure: +1.00 (n = 3, too few for a p-value below 10)" in out
 
 
 def test_json_format_is_the_same_report_for_programs(tmp_path, capsys):
