@@ -80,7 +80,8 @@ def test_report_counts_pruned_trials_and_gives_a_verdict_only_with_evidence(tmp_
     assert rows["False"][6].startswith("0.135 [") and rows["True"][6].startswith("0.255 [")
     assert ("Verdict: True is best: median 0.255 over 10 trials, against the other values' 8 "
             "(rank-sum p = 0.041)") in out
-    assert "Verdict: no verdict: [0.085, 0.11] has the best median (0.26) but the difference is within the spread" in out
+    assert ("Verdict: no verdict: [0.085, 0.11] has the best median (0.26) but the difference is within the "
+            "spread") in out
     assert "linear probe accuracy > 35% (primary): **met** (1 of 18 trials; best 0.36)" in out
     assert "reconstruction (train) MSE < 0.005 (tertiary): **met** (1 of 18 trials; best 0.004)" in out
     assert "diverged trials < 20% (secondary): **met** (17 of 18 trials; rate 6%)" in out
