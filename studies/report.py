@@ -125,17 +125,17 @@ def verdict(rows: list[dict], maximize: bool) -> dict[str, Any]:
     if len(enough) < 2:
         counts = ", ".join(f"{r['value']}: {r['measured']}" for r in rows)
         return {"best": None, "p": None,
-                "text": f"no verdict: too few trials (needs {MIN_PER_GROUP} measured per value for two values "
+                "text": f"too few trials (needs {MIN_PER_GROUP} measured per value for two values "
                         f"or more; measured {counts})"}
     top = (max if maximize else min)(enough, key=lambda r: r["median"])
     others = [m for r in rows if r is not top for m in r["_measures"]]
     p = rank_sum_p(top["_measures"], others)
     if p < ALPHA:
         return {"best": top["value"], "p": p,
-                "text": f"{top['value']} is best: median {_fmt(top['median'])} over {top['measured']} trials, "
+                "text": f"{top['value']} is best, median {_fmt(top['median'])} over {top['measured']} trials, "
                         f"against the other values' {len(others)} (rank-sum p = {p:.2g})"}
     return {"best": None, "p": p,
-            "text": f"no verdict: {top['value']} has the best median ({_fmt(top['median'])}) but the difference "
+            "text": f"{top['value']} has the best median ({_fmt(top['median'])}) but the difference "
                     f"is within the spread (rank-sum p = {p:.2g}, {top['measured']} against {len(others)} trials)"}
 
 
@@ -259,7 +259,8 @@ def _parameter_lines(p: dict[str, Any]) -> list[str]:
         spread = f"{_fmt(r['median'])} [{_fmt(r['q1'])}, {_fmt(r['q3'])}]" if r["median"] is not None else "-"
         lines.append(f"| {r['value']} | {r['trials']} | {r['completed']} | {r['pruned']} | {r['diverged']} | "
                      f"{r['failed']} | {r['measured']} | {spread} | {_fmt(r['best'])} |")
-    lines += ["", f"Verdict: {p['verdict']['text']}."]
+    verdict_text = p["verdict"]["text"]
+    lines += ["", f"Verdict: {verdict_text}." if p["verdict"]["best"] is not None else f"No verdict: {verdict_text}."]
     rho = p.get("spearman")
     if rho:
         p_text = f"p = {rho['p']:.2g}" if rho["n"] >= MIN_FOR_P else f"too few for a p-value below {MIN_FOR_P}"

@@ -78,9 +78,9 @@ def test_report_counts_pruned_trials_and_gives_a_verdict_only_with_evidence(tmp_
     assert rows["False"][:6] == ["8", "1", "7", "0", "0", "8"]
     assert rows["True"][:6] == ["10", "9", "0", "1", "0", "10"]  # the retry counts, its crashed original not
     assert rows["False"][6].startswith("0.135 [") and rows["True"][6].startswith("0.255 [")
-    assert ("Verdict: True is best: median 0.255 over 10 trials, against the other values' 8 "
+    assert ("Verdict: True is best, median 0.255 over 10 trials, against the other values' 8 "
             "(rank-sum p = 0.041)") in out
-    assert ("Verdict: no verdict: [0.085, 0.11] has the best median (0.26) but the difference is within the "
+    assert ("No verdict: [0.085, 0.11] has the best median (0.26) but the difference is within the "
             "spread") in out
     assert "linear probe accuracy > 35% (primary): **met** (1 of 18 trials; best 0.36)" in out
     assert "reconstruction (train) MSE < 0.005 (tertiary): **met** (1 of 18 trials; best 0.004)" in out
@@ -95,7 +95,7 @@ def test_report_without_enough_trials_says_why_there_is_no_verdict(tmp_path, cap
     url, _ = make_study(tmp_path, [trial(False, 0.05, [0.2]), trial(True, 0.06, [0.3]), trial(True, 0.07, [0.31])])
     assert cli.main(["report", "--storage", url, "--study-name", "tiny"]) == 0
     out = capsys.readouterr().out
-    assert "no verdict: too few trials (needs 5 measured per value for two values or more; measured False: 1, " \
+    assert "No verdict: too few trials (needs 5 measured per value for two values or more; measured False: 1, " \
            "True: 2)" in out
     assert "Spearman rank correlation with the measure: +1.00 (n = 3, too few for a p-value below 10)" in out
 
