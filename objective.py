@@ -13,14 +13,13 @@ pruned trials (TPE) then avoid the region; FAIL is kept for broken infrastructur
 what retries and `optuna trials` FAIL counts are about.
 
     python objective.py --study-file studies/smoke.yaml                        # SQLite under storage/
-    python objective.py --storage URL --study-name NAME --study-file FILE [--n-trials N]
+    python objective.py --storage URL --study-name NAME [--study-file FILE] [--n-trials N]
 
 Installed as `pcvit-worker`. The storage URL may also come from $OPTUNA_STORAGE.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -29,6 +28,7 @@ import os
 import secrets
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,14 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 import storage
 from pcvit import Config, DatasetError, Listener, RunResult, load_data, train
 from storage import recovery, retry_db
+from studies.curves import save_curves
+from studies.dashboard_notes import save_note, trial_note, update_study_note
+from studies.reconstruction_view import labelled_grid
 from studies.search import build_pruner, build_sampler, new_sampler_seed
-from studies.spec import METRICS, StudyFileError, StudySpec, load_spec
+from studies.spec import METRICS, StudyFileError, StudySpec
+from studies.study_source import resolve_spec
 from studies.worker import join_study, open_existing_study, run_worker
+from studies.worker_args import parse_worker_args
 
 log = logging.getLogger("pcvit.objective")
 RESULT_ATTRS = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run",
@@ -81,7 +86,7 @@ class OptunaListener(Listener):
     def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
         value = metrics.get(self.report_key)
         if value is not None and epoch not in self.reported:
-            retry_db(self.trial.report, value, epoch)
+            retry_db(self.trial.report, float(f"{value:.6g}"), epoch)  # float32 noise is no information
             self.reported.add(epoch)
             if retry_db(self.trial.should_prune):
                 run.request_stop("pruned")
@@ -91,7 +96,9 @@ class OptunaListener(Listener):
             self.save_checkpoint(run.checkpoint(), epoch)
 
     def on_images(self, run: Any, epoch: int, path: Path) -> None:
-        self.upload(path)
+        readable = path.parent / "labelled" / path.name  # same name: the dashboard shows the readable one
+        readable.parent.mkdir(exist_ok=True)
+        self.upload(labelled_grid(path, readable))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
         new_id = recovery.save_checkpoint(self.store, checkpoint)
@@ -109,6 +116,7 @@ class OptunaListener(Listener):
         """The trial is over: forget its checkpoint (attribute first, so a crash in between restarts cleanly)."""
         if self.checkpoint_id:
             retry_db(self.trial.set_user_attr, recovery.CHECKPOINT_ID, None)
+            retry_db(self.trial.set_user_attr, recovery.CHECKPOINT_EPOCH, None)  # no stale epoch without its file
             recovery.remove_checkpoint(self.store, self.checkpoint_id)
             self.checkpoint_id = None
 
@@ -139,6 +147,9 @@ def objective(trial: optuna.Trial, spec: StudySpec, store: Any, wandb_project: s
             for listener in listeners[1:]:
                 listener.close()  # W&B: marks the run failed if training did not return
         record_result(trial, result)
+        _note_trial(trial, result)
+        optuna_listener.upload(save_curves(result.history, Path(out_dir) / "curves.png",
+                                           f"trial {trial.number}: {result.stop_reason}"))
         metrics_path = Path(out_dir) / "metrics.jsonl"  # rewritten from the history: a resumed run's is complete
         metrics_path.write_text("".join(json.dumps({k: _finite_or_text(v) for k, v in h.items()}) + "\n"
                                         for h in result.history))
@@ -152,18 +163,40 @@ def objective(trial: optuna.Trial, spec: StudySpec, store: Any, wandb_project: s
         raise optuna.TrialPruned(f"diverged in epoch {result.divergence_epoch}: {result.stop_detail}")
     if result.stop_detail == "pruned":
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
-    return float(getattr(result, spec.metric))
+    return float(f"{getattr(result, spec.metric):.6g}")
 
 
 def record_result(trial: optuna.Trial, result: RunResult) -> None:
     """The per-trial record: the run's summary, divergence, and the versions that produced it."""
-    summary = result.to_dict()  # non-finite numbers as "inf"/"nan" strings: JSON (and the dashboard) can read them
+    summary = result_attrs(result)
     for key in RESULT_ATTRS:
         retry_db(trial.set_user_attr, key, summary[key])
     if result.diverged:
         retry_db(trial.set_user_attr, "reason", result.stop_detail)
         retry_db(trial.set_user_attr, "epoch", result.divergence_epoch)
     retry_db(trial.set_user_attr, "versions", package_versions())
+
+
+def result_attrs(result: RunResult) -> dict[str, Any]:
+    """The run's summary as user attributes: rounded to the digits that mean something, and a pruned run says so.
+
+    Non-finite numbers are "inf"/"nan" strings: JSON (and the dashboard) can read them.
+    """
+    summary = result.to_dict()
+    if result.stop_detail == "pruned":  # the run only knows that someone asked it to stop
+        summary["stop_reason"] = "pruned"
+    for key, value in summary.items():
+        if isinstance(value, float) and math.isfinite(value):
+            summary[key] = round(value, 1) if key.endswith("_s") else float(f"{value:.4g}")
+    return summary
+
+
+def _note_trial(trial: optuna.Trial, result: RunResult) -> None:
+    summary = {**result_attrs(result), "history": result.history}
+    try:
+        save_note(trial, trial_note(trial.number, summary, trial.user_attrs.get("resumed_after_epoch")))
+    except Exception as exc:  # noqa: BLE001 - a note is a convenience; the trial's record is already stored
+        log.warning("trial %d: could not write its note: %s", trial.number, exc)
 
 
 def _finite_or_text(value: Any) -> Any:
@@ -203,21 +236,12 @@ def load_trial_config(storage_url: str, study_name: str, trial_number: int) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pcvit-worker", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--storage", help=f"storage URL (default: ${storage.URL_ENV} or {storage.DEFAULT_URL})")
-    parser.add_argument("--study-name", help="the study (default: the file's name)")
-    parser.add_argument("--study-file", required=True, help="the study file (YAML), e.g. studies/pcvit-12block.yaml")
-    parser.add_argument("--n-trials", type=int, help="run at most this many trials in this worker")
-    parser.add_argument("--artifact-dir", help=f"artifact folder (default: ${storage.ARTIFACT_DIR_ENV} "
-                                               f"or {storage.DEFAULT_ARTIFACT_DIR})")
-    parser.add_argument("--wandb", metavar="PROJECT", help="also log every trial as a W&B run in PROJECT "
-                                                         "(offline unless WANDB_API_KEY is set)")
-    args = parser.parse_args(argv)
+    args = parse_worker_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage.resolve_url(args.storage)
     try:
-        spec = load_spec(args.study_file)
+        spec = resolve_spec(url, args.study_name, args.study_file)
         base = Config.from_dict(suggest_config(optuna.trial.FixedTrial(_first_values(spec)), spec))
         load_data(base)  # a missing dataset fails here, before the storage is touched (and stays cached)
         sampler_seed = new_sampler_seed()
@@ -228,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     except (StudyFileError, storage.StorageError, DatasetError) as exc:
         print(f"pcvit-worker: error: {exc}", file=sys.stderr)
         return 2
+    with warnings.catch_warnings():  # "experimental"; the dashboard labels its axes with it
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([spec.metric])
     store = storage.artifact_store(args.artifact_dir)
     log.info("worker joins study %r in %s (sampler seed %d)", study.study_name, storage.mask_password(url),
              sampler_seed)
@@ -235,9 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     def run_objective(trial: optuna.Trial) -> float:
         if "sampler_seed" not in trial.user_attrs:  # a retry keeps the seed that sampled its params
             trial.set_user_attr("sampler_seed", sampler_seed)
-        return objective(trial, spec, store, args.wandb)
+        try:
+            return objective(trial, spec, store, args.wandb)
+        finally:
+            update_study_note(study, spec)  # before the trial is told: the report lags one trial behind
 
-    return run_worker(study, spec, run_objective, args.n_trials)
+    code = run_worker(study, spec, run_objective, args.n_trials)
+    update_study_note(study, spec)
+    return code
 
 
 def _first_values(spec: StudySpec) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,8 +115,9 @@ def _read_cifar10(root: Path, download: bool):
     folder = root / "cifar-10-batches-py"
     if not folder.is_dir():
         if not download:
-            raise DatasetError(f"CIFAR-10 not found in {folder}. Put torchvision's 'cifar-10-batches-py' there, "
-                               "point data_dir at its parent, or allow the download with --set download=true.")
+            raise DatasetError(f"CIFAR-10 not found in {folder}. Download it once with `python -m pcvit.data "
+                               f"{root}`, or put torchvision's 'cifar-10-batches-py' there, or point data_dir "
+                               "at its parent (runs download only with download: true).")
         import torchvision  # only needed to download
 
         torchvision.datasets.CIFAR10(str(root), train=True, download=True)
@@ -186,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pcvit.data", description=main.__doc__)
     p.add_argument("folder", nargs="?", default=CIFAR10_DIR, help=f"where to put it (default {CIFAR10_DIR})")
     args = p.parse_args(argv)
-    train_x, _, test_x, _ = _read_cifar10(Path(args.folder), download=True)
+    try:
+        train_x, _, test_x, _ = _read_cifar10(Path(args.folder), download=True)
+    except (OSError, DatasetError, RuntimeError) as exc:  # URLError is an OSError; torchvision raises RuntimeError
+        reason = getattr(exc, "reason", None) or exc
+        print(f"python -m pcvit.data: error: cannot download CIFAR-10 into {args.folder}: {reason} (no network? "
+              "copy torchvision's 'cifar-10-batches-py' folder there instead)", file=sys.stderr)
+        return 1
     print(f"CIFAR-10 ready in {args.folder}: {len(train_x)} train, {len(test_x)} test images")
     return 0
 

@@ -2,9 +2,9 @@
 
 URL forms (the same as Optuna's where Optuna has one):
 * `sqlite:///storage/pcvit.db` (relative; `sqlite:////abs/path.db` absolute): one worker, the default.
-* `journal:///storage/journal.log` (relative; `journal:////abs/path` absolute): Optuna's journal file,
-  for several workers on one machine without a database server. `optuna` and `optuna-dashboard` read
-  the same file when given its plain path.
+* `storage/journal.log` (a plain file path; also `journal:///storage/journal.log`, `journal:////abs/path`):
+  Optuna's journal file, for several workers on one machine without a database server. The plain path is
+  what `optuna` (through `OPTUNA_STORAGE` too) and `optuna-dashboard` read as a journal file.
 * `postgresql+psycopg2://user@host:5432/db` (password from `PGPASSWORD` or `~/.pgpass`, never the repo):
   many workers on many machines.
 The URL comes from the command line, else `OPTUNA_STORAGE` (what Optuna's own CLI reads), else the default.
@@ -37,8 +37,10 @@ SQLITE_BUSY_TIMEOUT_S = 60  # workers, `reap` and the dashboard share one file: 
 
 __all__ = [
     "ARTIFACT_DIR_ENV", "DEFAULT_ARTIFACT_DIR", "DEFAULT_URL", "StorageError", "URL_ENV", "artifact_store",
-    "is_journal", "journal_path", "mask_password", "open_storage", "resolve_url", "retry_db",
+    "is_journal", "journal_path", "local_file", "mask_password", "open_storage", "require_existing", "resolve_url",
+    "retry_db",
 ]
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -47,12 +49,30 @@ def resolve_url(url: str | None = None) -> str:
 
 
 def is_journal(url: str) -> bool:
-    return url.startswith("journal://")
+    """`journal:///PATH`, or a plain file path (no scheme), which is how Optuna's CLI names a journal file."""
+    return url.startswith("journal://") or "://" not in url
 
 
 def journal_path(url: str) -> pathlib.Path:
     """`journal:///rel/path` -> rel/path, `journal:////abs/path` -> /abs/path (as SQLAlchemy reads sqlite:///)."""
-    return pathlib.Path(url[len("journal:///"):])
+    return pathlib.Path(url[len("journal:///"):] if url.startswith("journal://") else url)
+
+
+def local_file(url: str) -> pathlib.Path | None:
+    """The file behind a SQLite or journal URL; None for a database server."""
+    if is_journal(url):
+        return journal_path(url)
+    if url.startswith("sqlite:///"):
+        return pathlib.Path(url[len("sqlite:///"):])
+    return None
+
+
+def require_existing(url: str) -> None:
+    """For commands that only read: refuse (StorageError) a storage file that does not exist, instead of creating it."""
+    path = local_file(url)
+    if path is not None and str(path) and not path.is_file():
+        raise StorageError(f"{mask_password(url)}: no such storage file {path} (this command only reads, so it "
+                           "creates none; check the path: three slashes mean a relative path, four an absolute one)")
 
 
 def open_storage(
@@ -72,6 +92,9 @@ def open_storage(
     shown = mask_password(url)
     if is_journal(url):
         path = journal_path(url)
+        if "://" not in url and path.suffix in SQLITE_SUFFIXES:
+            raise StorageError(f"{url}: not a storage URL this runner knows; a SQLite file is sqlite:///{url} "
+                               "(a plain path is read as an Optuna journal file)")
         _need_folder(path, url)
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 

@@ -77,7 +77,13 @@ def check_connection_budget(
         url, poolclass=NullPool, connect_args={"connect_timeout": 10, "application_name": "pcvit-budget"}
     )
     try:
-        with engine.connect() as conn:
+        conn = engine.connect()
+    except sqlalchemy.exc.SQLAlchemyError as exc:  # wrong password, no server, no such database
+        engine.dispose()
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StorageError(f"cannot connect to {masked}: {reason}") from None
+    try:
+        with conn:
             max_connections = int(conn.exec_driver_sql("SHOW max_connections").scalar_one())
             reserved = int(conn.exec_driver_sql("SHOW superuser_reserved_connections").scalar_one())
             reserved += _reserved_connections(conn)

@@ -3,18 +3,23 @@
     pcvit-study validate studies/pcvit-12block.yaml
     pcvit-study import-wandb sweep_12block_comprehensive.yaml -o studies/pcvit-12block-wandb.yaml
     pcvit-study reap --storage URL --study-name NAME      # fail + re-queue trials whose worker died
-    pcvit-study report --storage URL --study-name NAME    # per-parameter effects, divergence per value
+    pcvit-study report --storage URL --study-name NAME [--format markdown|json] [--to-dashboard]
 
-Exit codes: 0 fine, 1 the file is invalid / an error in the study, 2 bad usage.
+Exit codes: 0 fine, 2 bad input (an invalid study file, a study or storage that does not exist, bad usage),
+with one line naming the file or argument. `reap` and `report` only read (`report --to-dashboard` writes the
+study's note): they never create a database.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 import storage
 from studies.spec import StudyFileError, load_spec
+from studies.worker_args import positive_int
 
 
 def validate(path: str) -> int:
@@ -44,12 +49,19 @@ def reap(url: str, name: str) -> int:
     return 0
 
 
-def report(url: str, name: str) -> int:
-    from studies.report import study_report
+def report(url: str, name: str, output_format: str, to_dashboard: bool) -> int:
+    from studies.report import render_markdown, study_summary
     from studies.worker import open_existing_study
 
     study, spec = open_existing_study(url, name)
-    print(study_report(study, spec))
+    summary = study_summary(study, spec)
+    if to_dashboard:
+        from studies.dashboard_notes import write_study_note
+
+        write_study_note(study, spec, summary)
+    print(json.dumps(summary, indent=1) if output_format == "json" else render_markdown(summary), end="")
+    if output_format == "json":
+        print()
     return 0
 
 
@@ -61,12 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("import-wandb", help="turn a W&B sweep YAML into a study file")
     p.add_argument("sweep")
     p.add_argument("-o", "--output", required=True, help="the study file to write")
-    p.add_argument("--n-trials", type=int, help="trial budget (default: the sweep's run_cap or count)")
+    p.add_argument("--n-trials", type=positive_int, help="trial budget (default: the sweep's run_cap or count)")
     for name, text in (("reap", "fail and re-queue trials whose worker is gone"),
                        ("report", "answer the study's questions from its trials")):
         p = commands.add_parser(name, help=text)
         p.add_argument("--storage", help=f"storage URL (default: ${storage.URL_ENV} or {storage.DEFAULT_URL})")
         p.add_argument("--study-name", required=True)
+        if name == "report":
+            p.add_argument("--format", choices=("markdown", "json"), default="markdown",
+                           help="markdown for people (default), json for programs")
+            p.add_argument("--to-dashboard", action="store_true",
+                           help="also write the report into the study's note in optuna-dashboard")
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
@@ -74,10 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import-wandb":
             return import_wandb(args.sweep, args.output, args.n_trials)
         url = storage.resolve_url(args.storage)
-        return reap(url, args.study_name) if args.command == "reap" else report(url, args.study_name)
+        if args.command == "reap":
+            return reap(url, args.study_name)
+        return report(url, args.study_name, args.format, args.to_dashboard)
     except (StudyFileError, storage.StorageError) as exc:
         print(f"pcvit-study: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    except BrokenPipeError:  # `pcvit-study report | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
 
 
 if __name__ == "__main__":

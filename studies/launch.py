@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+DEFAULT_WORKER_CMD = f"{shlex.quote(sys.executable)} -m objective"
 _GPU_TOKEN = re.compile(r"\d+|(GPU|MIG)-[0-9A-Za-z/-]+")
 
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-dir", type=Path, default=Path("runs/logs"),
                         help="one log per worker (default runs/logs)")
     parser.add_argument(
-        "--worker-cmd", default=f"{shlex.quote(sys.executable)} -m objective",
+        "--worker-cmd", default=DEFAULT_WORKER_CMD,
         help="the worker command, before the worker args (default: this Python's `-m objective`)",
     )
     parser.add_argument("--kill-after", type=float, default=60.0,
@@ -251,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     command = shlex.split(args.worker_cmd) + worker_args
+    if args.worker_cmd == DEFAULT_WORKER_CMD:  # the real worker: refuse its arguments here, not in N logs
+        from studies.worker_args import WorkerArgsError, check_worker_args
+
+        try:
+            check_worker_args(worker_args)
+        except WorkerArgsError as exc:
+            print(f"pcvit-launch: error: worker arguments: {exc}; started no worker", file=sys.stderr)
+            return 2
     if args.cpu_workers is None and not workers[0].gpu:
         print("pcvit-launch: no GPU found (CUDA_VISIBLE_DEVICES, nvidia-smi -L): starting 1 CPU worker", flush=True)
     if args.dry_run:

@@ -1,11 +1,15 @@
-"""Answer a study's questions from its own trials: per-parameter effect on the metric, divergence per value.
+"""Answer a study's questions from its own trials, without the bias pruning puts on completed-only means.
+
+With a median pruner, the worse a value does the more of its trials are pruned; a mean over COMPLETED trials
+then keeps only its lucky ones. So each trial is measured by the best value it reported (its best probe for
+`best_probe_accuracy`), pruned and diverged trials included, and groups are compared by median and quartiles,
+with the number of trials behind each. A verdict is given only where the evidence carries one: at least
+MIN_PER_GROUP measured trials on each side and a rank-sum test (Mann-Whitney) at p < ALPHA; otherwise the
+report says why not.
 
 Each trial counted once: a crashed trial that was retried is represented by its retry, and surplus trials
-(created beyond the budget by concurrent workers, never trained) are left out. For every parameter the
-report groups trials by value (categorical, or at most five distinct values) or by range (thirds of the
-sampled values; zero apart for zero_or_log) and gives per group: trials, completed, pruned, failed,
-diverged (rate), the mean metric of the completed trials and the best metric of any trial. Numeric
-parameters also get Spearman's rank correlation with the metric. The file's `questions` come first.
+(created beyond the budget by concurrent workers, never trained) are left out. `study_summary` returns plain
+data (the JSON format); `render_markdown` writes it for people (the terminal and the dashboard's note).
 """
 
 from __future__ import annotations
@@ -17,11 +21,19 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from storage.recovery import is_retry
+from studies.report_stats import quartiles, rank_sum_p, spearman, spearman_p
 from studies.spec import StudySpec
 from studies.worker import SURPLUS
 
-SUCCESS = {"best_probe_accuracy": (0.35, "probe accuracy > 35% (the document's primary target)"),
-           "best_train_mse": (0.005, "reconstruction MSE < 0.005 (the document's tertiary target)")}
+MIN_PER_GROUP = 5
+ALPHA = 0.05
+MIN_FOR_P = 10  # Spearman's p from the t approximation means little below this
+# The document's success targets: (key, trial attribute, threshold, below?, text)
+TARGETS = (
+    ("probe_accuracy", "best_probe_accuracy", 0.35, False, "linear probe accuracy > 35% (primary)"),
+    ("reconstruction_mse", "best_train_mse", 0.005, True, "reconstruction (train) MSE < 0.005 (tertiary)"),
+)
+MAX_DIVERGED = 0.20  # secondary target: fewer diverged runs, read as below 20% of trials
 
 
 def outcome_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -30,8 +42,7 @@ def outcome_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in trials if t.number not in retried and not t.system_attrs.get(SURPLUS)]
 
 
-def metric_of(trial: FrozenTrial, metric: str) -> float | None:
-    value = trial.value if trial.state == TrialState.COMPLETE else trial.user_attrs.get(metric)
+def _number(value: Any) -> float | None:
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -39,66 +50,16 @@ def metric_of(trial: FrozenTrial, metric: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def study_report(study: optuna.Study, spec: StudySpec) -> str:
-    trials = outcome_trials(study)
-    metric, maximize = spec.metric, spec.direction == "maximize"
-    states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    diverged = sum(bool(t.user_attrs.get("diverged")) for t in trials)
-    lines = [f"Study {study.study_name}: {spec.direction} {metric}; {len(trials)} of {spec.n_trials} trials",
-             "  " + ", ".join(f"{n.lower()} {c}" for n, c in states.items() if c),
-             f"  diverged {diverged} ({_pct(diverged, len(trials))})"]
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    if done:
-        best = (max if maximize else min)(done, key=lambda t: t.value)
-        lines.append(f"  best: trial {best.number}, {metric} = {best.value:.4g}")
-        lines += [f"    {k} = {_fmt(v)}" for k, v in best.params.items()]
-    if metric in SUCCESS:
-        threshold, text = SUCCESS[metric]
-        hits = sum((v := metric_of(t, metric)) is not None and (v > threshold if maximize else v < threshold)
-                   for t in trials)
-        lines.append(f"  {text}: {hits} trials")
-    asked = []
-    for i, q in enumerate(spec.questions, 1):
-        lines += ["", f"Q{i}. {q['question']}"]
-        for name in q["params"]:
-            lines += parameter_table(trials, name, spec.space[name], metric, maximize)
-            asked.append(name)
-    rest = [n for n in spec.space if n not in asked]
-    if rest:
-        lines += ["", "Other parameters"]
-        for name in rest:
-            lines += parameter_table(trials, name, spec.space[name], metric, maximize)
-    return "\n".join(lines)
-
-
-def parameter_table(trials: list[FrozenTrial], name: str, param: dict, metric: str, maximize: bool) -> list[str]:
-    groups = group_trials(trials, name, param)
-    lines = [f"  {name}", f"    {'value':>22} {'trials':>6} {'done':>5} {'pruned':>6} {'failed':>6} "
-                          f"{'diverged':>9} {'mean':>8} {'best':>8}"]
-    means = {}
-    for label, members in groups:
-        done = [metric_of(t, metric) for t in members if t.state == TrialState.COMPLETE]
-        done = [v for v in done if v is not None]
-        every = [v for v in (metric_of(t, metric) for t in members) if v is not None]
-        diverged = sum(bool(t.user_attrs.get("diverged")) for t in members)
-        mean = sum(done) / len(done) if done else None
-        means[label] = mean
-        best = (max if maximize else min)(every) if every else None
-        lines.append(f"    {label:>22} {len(members):>6} {len(done):>5} "
-                     f"{sum(t.state == TrialState.PRUNED for t in members):>6} "
-                     f"{sum(t.state == TrialState.FAIL for t in members):>6} {_pct(diverged, len(members)):>9} "
-                     f"{_fmt(mean):>8} {_fmt(best):>8}")
-    known = {k: v for k, v in means.items() if v is not None}
-    if len(known) > 1:
-        top = (max if maximize else min)(known, key=known.get)
-        lines.append(f"    best mean {metric}: {top}")
-    if param["type"] != "categorical":
-        pairs = [(value_of(t, name, param), metric_of(t, metric)) for t in trials if t.state == TrialState.COMPLETE]
-        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
-        rho = spearman(pairs)
-        if rho is not None:
-            lines.append(f"    Spearman rank correlation with {metric}: {rho:+.2f} (n = {len(pairs)})")
-    return lines
+def trial_measure(trial: FrozenTrial, metric: str, maximize: bool) -> float | None:
+    """The best value the trial reached: its best reported value, else its recorded metric (any state)."""
+    reported = [v for v in map(_number, trial.intermediate_values.values()) if v is not None]
+    if metric.startswith("best_") and reported:
+        return (max if maximize else min)(reported)
+    value = trial.value if trial.state == TrialState.COMPLETE else trial.user_attrs.get(metric)
+    value = _number(value)
+    if value is None and reported:
+        return reported[-1]
+    return value
 
 
 def value_of(trial: FrozenTrial, name: str, param: dict) -> Any:
@@ -127,33 +88,198 @@ def group_trials(trials: list[FrozenTrial], name: str, param: dict) -> list[tupl
     return groups
 
 
-def spearman(pairs: list[tuple[float, float]]) -> float | None:
-    """Spearman's rank correlation (average ranks for ties); None for fewer than 3 pairs or no spread."""
-    if len(pairs) < 3:
-        return None
-    xs, ys = _ranks([p[0] for p in pairs]), _ranks([p[1] for p in pairs])
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sx, sy = math.sqrt(sum((x - mx) ** 2 for x in xs)), math.sqrt(sum((y - my) ** 2 for y in ys))
-    return cov / (sx * sy) if sx and sy else None
+def group_summary(label: str, members: list[FrozenTrial], metric: str, maximize: bool) -> dict[str, Any]:
+    measures = [m for m in (trial_measure(t, metric, maximize) for t in members) if m is not None]
+    row: dict[str, Any] = {
+        "value": label, "trials": len(members),
+        "completed": sum(t.state == TrialState.COMPLETE for t in members),
+        "pruned": sum(t.state == TrialState.PRUNED and not t.user_attrs.get("diverged") for t in members),
+        "diverged": sum(bool(t.user_attrs.get("diverged")) for t in members),
+        "failed": sum(t.state == TrialState.FAIL for t in members),
+        "measured": len(measures), "median": None, "q1": None, "q3": None, "best": None,
+    }
+    if measures:
+        row["q1"], row["median"], row["q3"] = quartiles(measures)
+        row["best"] = (max if maximize else min)(measures)
+    row["_measures"] = measures
+    return row
 
 
-def _ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
+def parameter_summary(trials: list[FrozenTrial], name: str, param: dict, metric: str, maximize: bool) -> dict:
+    rows = [group_summary(label, members, metric, maximize) for label, members in group_trials(trials, name, param)]
+    result: dict[str, Any] = {"parameter": name, "groups": rows, "verdict": verdict(rows, maximize)}
+    if param["type"] != "categorical":
+        pairs = [(value_of(t, name, param), trial_measure(t, metric, maximize)) for t in trials]
+        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+        rho = spearman(pairs)
+        p = spearman_p(rho, len(pairs)) if rho is not None and len(pairs) >= MIN_FOR_P else None
+        result["spearman"] = None if rho is None else {"rho": rho, "n": len(pairs), "p": p}
+    for row in rows:
+        row.pop("_measures")
+    return result
+
+
+def verdict(rows: list[dict], maximize: bool) -> dict[str, Any]:
+    """Which value is best, if the trials say so: the top group by median against all other measured trials."""
+    enough = [r for r in rows if r["measured"] >= MIN_PER_GROUP]
+    if len(enough) < 2:
+        counts = ", ".join(f"{r['value']}: {r['measured']}" for r in rows)
+        return {"best": None, "p": None,
+                "text": f"too few trials (needs {MIN_PER_GROUP} measured per value for two values "
+                        f"or more; measured {counts})"}
+    top = (max if maximize else min)(enough, key=lambda r: r["median"])
+    others = [m for r in rows if r is not top for m in r["_measures"]]
+    p = rank_sum_p(top["_measures"], others)
+    if p < ALPHA:
+        return {"best": top["value"], "p": p,
+                "text": f"{top['value']} is best, median {_fmt(top['median'])} over {top['measured']} trials, "
+                        f"against the other values' {len(others)} (rank-sum p = {p:.2g})"}
+    return {"best": None, "p": p,
+            "text": f"{top['value']} has the best median ({_fmt(top['median'])}) but the difference "
+                    f"is within the spread (rank-sum p = {p:.2g}, {top['measured']} against {len(others)} trials)"}
+
+
+def compute_summary(trials: list[FrozenTrial], n_trials: int) -> dict[str, Any]:
+    """Wall time spent (sum over trials), GPU-hours (trials on a CUDA device), and the projection to the budget."""
+    def seconds(t: FrozenTrial) -> float:
+        recorded = _number(t.user_attrs.get("wall_time_s"))
+        if recorded is not None:
+            return recorded
+        if t.datetime_start and t.datetime_complete:
+            return (t.datetime_complete - t.datetime_start).total_seconds()
+        return 0.0
+
+    finished = [t for t in trials if t.state.is_finished()]
+    spent = sum(seconds(t) for t in finished)
+    gpu = sum(seconds(t) for t in finished if str(t.user_attrs.get("device", "")).startswith("cuda"))
+    per_trial = spent / len(finished) if finished else None
+    remaining = max(0, n_trials - len(finished))
+    projected = spent + per_trial * remaining if per_trial is not None else None
+    gpu_share = gpu / spent if spent else 0.0
+    return {"finished_trials": len(finished), "wall_hours": spent / 3600, "gpu_hours": gpu / 3600,
+            "hours_per_trial": per_trial / 3600 if per_trial is not None else None,
+            "projected_wall_hours": projected / 3600 if projected is not None else None,
+            "projected_gpu_hours": projected * gpu_share / 3600 if projected is not None else None,
+            "budget": n_trials}
+
+
+def success_summary(trials: list[FrozenTrial], spec: StudySpec) -> list[dict[str, Any]]:
+    lines = []
+    for key, attr, threshold, below, text in TARGETS:
+        values = [v for v in (_number(t.user_attrs.get(attr)) for t in trials) if v is not None]
+        hits = [v for v in values if (v < threshold if below else v > threshold)]
+        best = (min if below else max)(values) if values else None
+        lines.append({"target": key, "text": text, "met": bool(hits), "trials_meeting": len(hits),
+                      "trials_measured": len(values), "best": best})
+    diverged = sum(bool(t.user_attrs.get("diverged")) for t in trials)
+    rate = diverged / len(trials) if trials else None
+    lines.append({"target": "divergence", "text": "diverged trials < 20% (secondary)",
+                  "met": rate is not None and rate < MAX_DIVERGED, "trials_meeting": len(trials) - diverged,
+                  "trials_measured": len(trials), "best": rate})
+    baseline = spec.document.get("baseline")
+    if baseline:
+        maximize = spec.direction == "maximize"
+        values = [v for v in (_number(t.user_attrs.get(spec.metric)) for t in trials) if v is not None]
+        best = (max if maximize else min)(values) if values else None
+        beats = best is not None and (best > baseline["value"] if maximize else best < baseline["value"])
+        lines.append({"target": "baseline", "text": f"{spec.metric} against {baseline['label']} "
+                                                    f"({_fmt(baseline['value'])})",
+                      "met": beats, "trials_meeting": sum((v > baseline["value"]) == maximize for v in values),
+                      "trials_measured": len(values), "best": best})
+    return lines
+
+
+def study_summary(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
+    """Everything the report says, as plain data (what `--format json` prints)."""
+    trials = outcome_trials(study)
+    metric, maximize = spec.metric, spec.direction == "maximize"
+    done = [t for t in trials if t.state == TrialState.COMPLETE and _number(t.value) is not None]
+    best = (max if maximize else min)(done, key=lambda t: t.value) if done else None
+    asked: list[str] = []
+    questions = []
+    for q in spec.questions:
+        questions.append({"question": q["question"], "parameters": [
+            parameter_summary(trials, name, spec.space[name], metric, maximize) for name in q["params"]]})
+        asked += q["params"]
+    return {
+        "study": study.study_name, "direction": spec.direction, "metric": metric,
+        "measure": f"each trial's best reported {metric} (pruned and diverged trials included)",
+        "budget": spec.n_trials, "trials": len(trials),
+        "states": {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState
+                   if any(t.state == s for t in trials)},
+        "diverged": sum(bool(t.user_attrs.get("diverged")) for t in trials),
+        "best_trial": None if best is None else {"number": best.number, "value": best.value, "params": best.params},
+        "success": success_summary(trials, spec),
+        "compute": compute_summary(trials, spec.n_trials),
+        "questions": questions,
+        "other_parameters": [parameter_summary(trials, name, spec.space[name], metric, maximize)
+                             for name in spec.space if name not in asked],
+    }
+
+
+def render_markdown(s: dict[str, Any]) -> str:
+    lines = [f"## Study {s['study']}: {s['direction']} {s['metric']}", "",
+             f"{s['trials']} of {s['budget']} trials: "
+             + ", ".join(f"{n} {c}" for n, c in s["states"].items())
+             + f"; diverged {s['diverged']} ({_pct(s['diverged'], s['trials'])})."]
+    if s["best_trial"]:
+        b = s["best_trial"]
+        lines.append(f"Best: trial {b['number']}, {s['metric']} = {_fmt(b['value'])} ("
+                     + ", ".join(f"{k} = {_fmt(v)}" for k, v in b["params"].items()) + ").")
+    lines += ["", "### Success targets", ""]
+    for t in s["success"]:
+        best = _pct_value(t["best"]) if t["target"] == "divergence" else _fmt(t["best"])
+        status = "met" if t["met"] else "not met"
+        lines.append(f"- {t['text']}: **{status}** ({t['trials_meeting']} of {t['trials_measured']} trials; "
+                     f"{'rate' if t['target'] == 'divergence' else 'best'} {best})")
+    c = s["compute"]
+    lines += ["", "### Compute", "",
+              f"- spent: {_duration(c['wall_hours'])} of trial wall time over {c['finished_trials']} finished "
+              f"trials, {c['gpu_hours']:.2f} GPU-hours"]
+    if c["hours_per_trial"] is not None:
+        lines.append(f"- projected to the budget of {c['budget']} trials: {_duration(c['projected_wall_hours'])}, "
+                     f"{c['projected_gpu_hours']:.1f} GPU-hours ({_duration(c['hours_per_trial'])} per trial)")
+    lines += ["", f"Measure: {s['measure']}; median [quartiles] over the measured trials (n)."]
+    for i, q in enumerate(s["questions"], 1):
+        lines += ["", f"### Q{i}. {q['question']}"]
+        for p in q["parameters"]:
+            lines += _parameter_lines(p)
+    if s["other_parameters"]:
+        lines += ["", "### Other parameters"]
+        for p in s["other_parameters"]:
+            lines += _parameter_lines(p)
+    return "\n".join(lines) + "\n"
+
+
+def _parameter_lines(p: dict[str, Any]) -> list[str]:
+    lines = ["", f"**{p['parameter']}**", "",
+             "| value | trials | completed | pruned | diverged | failed | n | median [q1, q3] | best |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in p["groups"]:
+        spread = f"{_fmt(r['median'])} [{_fmt(r['q1'])}, {_fmt(r['q3'])}]" if r["median"] is not None else "-"
+        lines.append(f"| {r['value']} | {r['trials']} | {r['completed']} | {r['pruned']} | {r['diverged']} | "
+                     f"{r['failed']} | {r['measured']} | {spread} | {_fmt(r['best'])} |")
+    verdict_text = p["verdict"]["text"]
+    lines += ["", f"Verdict: {verdict_text}." if p["verdict"]["best"] is not None else f"No verdict: {verdict_text}."]
+    rho = p.get("spearman")
+    if rho:
+        p_text = f"p = {rho['p']:.2g}" if rho["n"] >= MIN_FOR_P else f"too few for a p-value below {MIN_FOR_P}"
+        lines.append(f"Spearman rank correlation with the measure: {rho['rho']:+.2f} (n = {rho['n']}, {p_text}).")
+    return lines
+
+
+def _duration(hours: float) -> str:
+    if hours >= 1:
+        return f"{hours:.2f} h"
+    return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.0f} s"
 
 
 def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.0f}%" if whole else "-"
+
+
+def _pct_value(rate: float | None) -> str:
+    return "-" if rate is None else f"{100 * rate:.0f}%"
 
 
 def _fmt(value: Any) -> str:

@@ -14,11 +14,13 @@ import json
 import math
 import pathlib
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Callable
 
 import yaml
 
 from pcvit.config import Config, ConfigError, coerce, field_names
+from studies.strict_yaml import load_strict
 
 
 class StudyFileError(ValueError):
@@ -68,7 +70,9 @@ TOP_LEVEL = {  # key -> (kind, default; None = required)
     "fixed": ("dict", {}),
     "space": ("dict", None),
     "questions": ("list", []),  # [{question: text, params: [names]}] answered by `pcvit-study report`
+    "baseline": ("dict", {}),  # {value: number, label: text}: the metric of a reference model, for the report
 }
+BASELINE = {"value": ("number", True), "label": ("str", True)}
 # Keys the original W&B sweep carried that did nothing in its runs: an error here, a noted drop on import.
 NO_EFFECT = {
     "corrupt_ratio": "acts only with use_corruption (off in the original sweep): masked-reconstruction images",
@@ -115,7 +119,7 @@ def load_spec(path: str | pathlib.Path) -> StudySpec:
 
 def parse_spec(text: str, source: str) -> StudySpec:
     try:
-        raw = yaml.safe_load(text)
+        raw = load_strict(text)
     except yaml.YAMLError as exc:
         raise StudyFileError(f"{source}: not valid YAML: {exc}") from None
     return validate(raw, source, text)
@@ -135,6 +139,9 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
     doc = _check_keys(raw, {k: (kind, default is None) for k, (kind, default) in TOP_LEVEL.items()}, "", fail)
     for key, (_, default) in TOP_LEVEL.items():
         doc.setdefault(key, json.loads(json.dumps(default)))
+    doc["baseline"] = _check_keys(doc["baseline"], BASELINE, "baseline", fail) if doc["baseline"] else None
+    if doc["baseline"] is None:  # left out, so that studies stored before the key existed still compare equal
+        del doc["baseline"]
     if doc["direction"] not in ("maximize", "minimize"):
         raise fail("direction", f"must be maximize or minimize, got {doc['direction']!r}")
     if doc["metric"] not in METRICS:
@@ -168,6 +175,7 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
                 raise fail(f"space.{name}.type", "the grid sampler needs categorical parameters (list the grid)")
     _check_questions(doc["questions"], space, fail)
     _check_configs(doc["fixed"], space, fail)
+    _check_metric_is_measured(doc["metric"], doc["fixed"], space, fail)
     spec = StudySpec(source, doc, text)
     from studies.search import check_sampler_and_pruner  # search builds on this module
 
@@ -239,8 +247,10 @@ def _field_kind(name: str) -> type:
 
 def _check_param(name: str, param: Any, fail: Callable) -> dict:
     key = f"space.{name}"
-    if not isinstance(param, dict) or param.get("type") not in PARAM_TYPES:
+    if not isinstance(param, dict) or "type" not in param:
         raise fail(f"{key}.type", f"is required: one of {', '.join(PARAM_TYPES)}")
+    if param["type"] not in PARAM_TYPES:
+        raise fail(f"{key}.type", f"unknown type {param['type']!r} (known: {', '.join(PARAM_TYPES)})")
     kind, field_kind = param["type"], _field_kind(name)
     p = {"type": kind, **_check_keys({k: v for k, v in param.items() if k != "type"}, PARAM_TYPES[kind], key, fail)}
     if kind == "categorical":
@@ -277,6 +287,10 @@ def _check_param(name: str, param: Any, fail: Callable) -> dict:
             raise fail(f"{key}.step", "cannot be combined with log (Optuna samples one or the other)")
         if p["step"] <= 0:
             raise fail(f"{key}.step", f"must be > 0, got {p['step']}")
+        # Optuna would quietly lower `high` to the last step below it (and only warn in the log)
+        if (Decimal(str(high)) - Decimal(str(low))) % Decimal(str(p["step"])) != 0:
+            raise fail(f"{key}.step", f"{p['step']} does not divide the range [{low}, {high}]: Optuna would "
+                                      "sample a narrower range; choose a step that does, or change low/high")
     return p
 
 
@@ -318,6 +332,24 @@ def _check_configs(fixed: dict, space: dict, fail: Callable) -> None:
     for (a, va), (b, vb) in itertools.combinations(values.items(), 2):
         for x, y in itertools.product(va, vb):
             build({a: x, b: y})
+
+
+def _check_metric_is_measured(metric: str, fixed: dict, space: dict, fail: Callable) -> None:
+    """`best_probe_accuracy` with the probe off (or due after the last epoch) would complete every trial with 0."""
+    if metric != "best_probe_accuracy":
+        return
+    every_key, epochs_key = "linear_probe_every_n_epochs", "epochs"
+
+    def values(name: str) -> list[tuple[str, Any]]:
+        if name in space:
+            return [(f"space.{name}", v) for v in param_values(space[name])]
+        return [(f"fixed.{name}" if name in fixed else f"{name} (default)", fixed.get(name, getattr(Config, name)))]
+
+    for (key, every), (_, epochs) in itertools.product(values(every_key), values(epochs_key)):
+        if every == 0 or every > epochs:
+            why = "turns the linear probe off" if every == 0 else f"probes after the last epoch ({epochs})"
+            raise fail(key, f"{every} {why}, but the metric best_probe_accuracy is measured by the probe: "
+                            "every trial would complete with 0.0")
 
 
 def _check_questions(questions: list, space: dict, fail: Callable) -> None:

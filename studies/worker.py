@@ -116,6 +116,7 @@ def join_study(storage: Any, url: str, name: str, spec: StudySpec, sampler: Any,
 def open_existing_study(url: str, name: str) -> tuple[optuna.Study, StudySpec]:
     """An existing study and its stored study file, with the heartbeat settings that file chose."""
     where = f"study {name!r} in {mask_password(url)}"
+    storage.require_existing(url)  # a mistyped path must not leave an empty database behind
     try:
         study = optuna.load_study(study_name=name, storage=storage.open_storage(url))
     except KeyError:

@@ -7,6 +7,7 @@ import torch
 
 from pcvit import Config, DatasetError, PCViT, load_data, train
 from pcvit.data import FASHION_MNIST_DIR
+from pcvit.data import main as data_main
 
 
 def write_fake_cifar10(root: Path, n_per_batch: int = 20) -> None:
@@ -50,11 +51,23 @@ def test_cifar10_trains_end_to_end_on_the_fake_dataset(tmp_path):
     assert result.epochs_run == 1 and 0.0 <= result.best_probe_accuracy <= 1.0
 
 
-def test_missing_cifar10_names_the_folder_and_the_flag(tmp_path):
+def test_missing_cifar10_names_the_folder_and_the_command_that_fetches_it(tmp_path):
     with pytest.raises(DatasetError) as err:
         load_data(cifar_config(tmp_path / "nowhere"))
     assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in str(err.value)
-    assert "download=true" in str(err.value)
+    assert f"python -m pcvit.data {tmp_path / 'nowhere'}" in str(err.value)  # works for workers and runs alike
+    assert "--set" not in str(err.value)  # pcvit-worker has no --set
+
+
+def test_download_without_a_network_is_one_line(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    # no network here either way; a closed local port makes the failure immediate and certain
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    assert data_main([str(tmp_path / "cifar")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m pcvit.data: error: cannot download CIFAR-10 into {tmp_path / 'cifar'}: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_subset_larger_than_the_dataset_is_a_clear_error(tmp_path):

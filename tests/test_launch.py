@@ -197,3 +197,16 @@ def test_default_worker_command_is_the_real_worker(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     assert launch.main(["--cpu-workers", "1", "--log-dir", str(tmp_path), "--", "--help"]) == 0
     assert "usage: pcvit-worker" in (tmp_path / "worker-cpu-0.log").read_text()
+
+
+@pytest.mark.parametrize(("worker_args", "words"), [
+    (["--study-name", "s", "--n-trials", "0"], "argument --n-trials: must be at least 1, got 0"),
+    (["--study-name", "s", "--trials", "3"], "unrecognized arguments: --trials 3"),
+    ([], "give --study-name NAME"),
+    (["--study-file", "no/such.yaml"], "--study-file no/such.yaml: no such file"),
+])
+def test_bad_worker_arguments_start_no_worker(tmp_path, capsys, worker_args, words):
+    assert launch.main(["--cpu-workers", "3", "--log-dir", str(tmp_path / "logs"), "--", *worker_args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pcvit-launch: error: worker arguments: ") and words in err and err.count("\n") == 1
+    assert not (tmp_path / "logs").exists()

@@ -9,13 +9,16 @@ import subprocess
 import sys
 
 import optuna
+import PIL.Image
 import pytest
 import torch
 from optuna.trial import TrialState
+from optuna_dashboard import get_note
 
 import objective
 import storage
 from pcvit import Config, train
+from studies.search import build_pruner
 from studies.spec import load_spec
 from studies.worker import run_worker
 from tests.runner_helpers import TINY_FIXED, one_thread, run_workers_to_the_end, tiny_study, worker_env  # noqa: F401
@@ -45,6 +48,10 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
     study = load(url)
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert study.user_attrs["study_spec"]["n_trials"] == 2 and "name: tiny" in study.user_attrs["study_file"]
+    assert study.metric_names == ["best_probe_accuracy"]  # the dashboard's axes say what they show
+    study_note = get_note(study)
+    assert "## Study tiny: maximize best_probe_accuracy" in study_note and "2 of 2 trials" in study_note
+    assert "```yaml\n" + study_file.read_text().rstrip() + "\n```" in study_note  # the file, whole
     done = study.get_trials()
     assert [t.state for t in done] == [TrialState.COMPLETE] * 2
     for t in done:
@@ -55,11 +62,19 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
         assert set(RECORD) <= set(t.user_attrs) and t.user_attrs["epochs_run"] == 3
         assert {"torch", "optuna", "python", "code"} <= set(t.user_attrs["versions"])
         assert t.user_attrs["seed"] == 10 and t.user_attrs["checkpoint_artifact_id"] is None
+        assert t.user_attrs["checkpoint_epoch"] is None  # no epoch named for a checkpoint that is gone
+        assert t.user_attrs["best_train_mse"] == float(f"{t.user_attrs['best_train_mse']:.4g}")
+        assert t.value == float(f"{t.value:.6g}")
+        note = get_note(optuna.Trial(study, t._trial_id))
+        assert note.startswith(f"### Trial {t.number}: completed") and "best probe accuracy" in note
         names = {m.filename: m for m in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)}
-        assert {"reconstruction_epoch003.png", "metrics.jsonl", "final_weights.pt"} <= set(names)
+        assert {"reconstruction_epoch003.png", "metrics.jsonl", "final_weights.pt", "curves.png"} <= set(names)
+        assert (art / names["curves.png"].artifact_id).read_bytes()[:4] == b"\x89PNG"
         lines = (art / names["metrics.jsonl"].artifact_id).read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
         assert (art / names["reconstruction_epoch003.png"].artifact_id).read_bytes()[:4] == b"\x89PNG"
+        with PIL.Image.open(art / names["reconstruction_epoch003.png"].artifact_id) as grid:
+            assert grid.size[0] >= 384  # two labelled 192-pixel columns, not a 104x36 thumbnail
     assert not list(art.glob("checkpoint-*"))  # finished trials leave no checkpoint behind
     assert len({t.params["peak_lr_hidden"] for t in done}) == 2
 
@@ -68,7 +83,7 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
     config = objective.load_trial_config(url, "tiny", 1)
     assert config["peak_lr_hidden"] == done[1].params["peak_lr_hidden"] and config["seed"] == 10
     replay = train(Config.from_dict(config))
-    assert replay.probe_accuracies == list(done[1].intermediate_values.values())
+    assert [float(f"{a:.6g}") for a in replay.probe_accuracies] == list(done[1].intermediate_values.values())
 
 
 def test_worker_joins_a_study_made_by_optuna_create_study(tmp_path):
@@ -119,7 +134,9 @@ def test_pruner_stops_a_clearly_bad_trial_and_keeps_a_good_one(tmp_path):
     states = [t.state for t in load(url).trials]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
     pruned = load(url).trials[2]
-    assert len(pruned.intermediate_values) < 4 and pruned.user_attrs["stop_detail"] == "pruned"
+    assert len(pruned.intermediate_values) < 4 and pruned.user_attrs["stop_reason"] == "pruned"
+    note = get_note(optuna.Trial(load(url), pruned._trial_id))
+    assert note.startswith("### Trial 2: pruned\n"), note
 
 
 def test_diverged_trial_is_pruned_with_its_reason_and_the_worker_goes_on(tmp_path):
@@ -201,3 +218,20 @@ def test_budget_check_after_ask_fails_surplus_trials(tmp_path):
 
 def test_tiny_study_fixed_settings_are_a_valid_config():
     Config.from_dict(TINY_FIXED)
+
+
+def test_the_default_pruner_waits_three_probes_without_improvement():
+    """The default study's comment promises 3 probes (30 epochs): PatientPruner(patience=2) looks at patience + 1."""
+    spec = load_spec(pathlib.Path(objective.__file__).parent / "studies/pcvit-12block.yaml")
+    assert "only after 3 probes in a row (30 epochs)" in spec.text
+    study = optuna.create_study(direction="maximize", pruner=build_pruner(spec))
+    for i in range(10):  # ten finished trials that reached 0.5: the median to beat
+        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5, intermediate_values={
+            e: 0.5 for e in range(10, 101, 10)}, params={}, distributions={}))
+    trial = study.ask()
+    prunes = []
+    for epoch, accuracy in zip(range(10, 101, 10), [0.2, 0.3, 0.4, 0.35, 0.35, 0.35, 0.35]):
+        trial.report(accuracy, epoch)
+        prunes.append(trial.should_prune())
+    # epoch 30 is the last improvement; 40, 50, 60 do not improve: pruned at 60, the third, not at 50
+    assert prunes == [False, False, False, False, False, True, True]

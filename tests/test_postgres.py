@@ -93,10 +93,25 @@ def test_budget_subtracts_connections_already_open(small_server):
 
 def test_budget_names_an_unreachable_server():
     url = f"postgresql+psycopg2://pcvit:s3cret@127.0.0.1:{pg.free_port()}/nowhere"
-    named = r"cannot read the connection limits of .*pcvit:\*\*\*@127\.0\.0\.1"
+    named = r"cannot connect to .*pcvit:\*\*\*@127\.0\.0\.1.*Connection refused"
     with pytest.raises(StorageError, match=named) as caught:
         check_connection_budget(url, clients=1)
     assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_a_wrong_password_is_reported_as_such(tmp_path, capsys):
+    try:
+        server = pg.LocalPostgres(password="right-one")
+    except pg.PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        url = with_password(server.url, "wrong-one")
+        with pytest.raises(StorageError, match=r"cannot connect to .*password authentication failed") as caught:
+            check_connection_budget(url, clients=1)
+        assert "wrong-one" not in str(caught.value) and "\n" not in str(caught.value)
+    finally:
+        server.close()
 
 
 def test_engine_opens_at_most_per_worker_connections(small_server):

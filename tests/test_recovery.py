@@ -82,7 +82,7 @@ def test_stopped_then_killed_worker_lose_nothing_and_the_trial_resumes_exactly(t
     assert not list(art.glob("checkpoint-*"))
     # resuming twice changed nothing: an uninterrupted run of the same trial reports the same accuracies
     uninterrupted = train(Config.from_dict(objective.load_trial_config(url, "tiny", 2)))
-    assert uninterrupted.probe_accuracies == list(retry.intermediate_values.values())
+    assert [float(f"{a:.6g}") for a in uninterrupted.probe_accuracies] == list(retry.intermediate_values.values())
 
 
 def open_study(url, study_file):

@@ -27,7 +27,7 @@ def test_default_sqlite_folder_exists_in_the_repo():
 @pytest.mark.parametrize(("url", "words"), [
     ("sqlite:////no/such/folder/s.db", "the folder /no/such/folder/ does not exist"),
     ("journal:////no/such/folder/s.journal", "the folder /no/such/folder/ does not exist"),
-    ("storage/pcvit.db", "not a storage URL"),
+    ("storage/pcvit.db", "sqlite:///storage/pcvit.db"),
     ("redis://localhost", "not a storage URL"),
     ("sqlite:///:memory:", "in-memory"),
     ("postgresql+psycopg2://nobody:s3cret@127.0.0.1:1/none", "cannot open the storage"),

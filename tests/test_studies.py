@@ -126,7 +126,7 @@ def test_validate_command_exit_codes(tmp_path, capsys):
     assert cli.main(["validate", str(REPO / "studies/smoke.yaml")]) == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(document(space={"not_a_field": {"type": "float", "low": 0, "high": 1}})))
-    assert cli.main(["validate", str(bad)]) == 1
+    assert cli.main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "space.not_a_field" in err
 
@@ -163,3 +163,56 @@ def test_worker_with_a_bad_storage_url_exits_nonzero(tmp_path, capsys):
     study.write_text(yaml.safe_dump(document()))
     assert objective.main(["--storage", f"sqlite:///{tmp_path}/missing/s.db", "--study-file", str(study)]) == 2
     assert f"{tmp_path}/missing/ does not exist" in capsys.readouterr().err
+
+
+SILENT_CHANGES = [  # (study file text edit, key, words): each would change the search without a word
+    (lambda doc: {**doc, "space": {**TINY_SPACE, "peak_lr_hidden": {"type": "float", "low": 0.05, "high": 0.11,
+                                                                     "step": 0.04}}},
+     "space.peak_lr_hidden.step", "0.04 does not divide the range [0.05, 0.11]"),
+    (lambda doc: {**doc, "fixed": {k: v for k, v in doc["fixed"].items() if k != "inference_steps"},
+                  "space": {**TINY_SPACE, "inference_steps": {"type": "int", "low": 2, "high": 9, "step": 3}}},
+     "space.inference_steps.step", "3 does not divide the range [2, 9]"),
+    (lambda doc: {**doc, "fixed": {**doc["fixed"], "linear_probe_every_n_epochs": 0}},
+     "fixed.linear_probe_every_n_epochs", "0 turns the linear probe off"),
+    (lambda doc: {**doc, "fixed": {**doc["fixed"], "linear_probe_every_n_epochs": 5}},
+     "fixed.linear_probe_every_n_epochs", "5 probes after the last epoch (3)"),
+    (lambda doc: {**doc, "space": {**TINY_SPACE, "peak_lr_hidden": {"type": "floot", "low": 0.05, "high": 0.11}}},
+     "space.peak_lr_hidden.type", "unknown type 'floot'"),
+]
+
+
+@pytest.mark.parametrize(("edit", "key", "words"), SILENT_CHANGES)
+def test_search_changes_are_refused_by_the_worker_before_anything_is_written(edit, key, words, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(edit(document()), sort_keys=False))
+    db = tmp_path / "s.db"
+    assert objective.main(["--storage", f"sqlite:///{db}", "--study-file", str(bad),
+                           "--artifact-dir", str(tmp_path / "art")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pcvit-worker: error: {bad}: {key}: ") and words in err, err
+    assert err.count("\n") == 1 and not db.exists() and not (tmp_path / "art").exists()
+
+
+def test_a_key_written_twice_is_refused_with_both_values(tmp_path, capsys):
+    text = yaml.safe_dump(document(n_trials=60), sort_keys=False) + "n_trials: 600\n"
+    line = text.splitlines().index("n_trials: 60") + 1
+    with pytest.raises(StudyFileError, match=rf"bad.yaml: not valid YAML: n_trials: written twice, '60' on line "
+                                             rf"{line} and '600' on line {text.count(chr(10))}"):
+        parse_spec(text, "bad.yaml")
+    nested = "space:\n  peak_lr_hidden: {type: float, low: 0.05, high: 0.11, low: 0.07}\n"
+    with pytest.raises(StudyFileError, match=r"space.peak_lr_hidden.low: written twice, '0.05' on line 2 and '0.07'"):
+        parse_spec(nested, "bad.yaml")
+
+
+def test_default_study_samples_the_documents_warmup_range():
+    space = load_spec(REPO / "studies/pcvit-12block.yaml").space
+    assert space["warmup_steps"] == {"type": "int", "low": 0, "high": 200}
+
+
+@pytest.mark.parametrize("n", ["0", "-1", "two"])
+def test_worker_refuses_fewer_than_one_trial_before_anything_is_written(n, tmp_path, capsys):
+    db = tmp_path / "s.db"
+    with pytest.raises(SystemExit) as info:
+        objective.main(["--storage", f"sqlite:///{db}", "--study-file", str(REPO / "studies/smoke.yaml"),
+                        "--n-trials", n])
+    assert info.value.code == 2 and "--n-trials: " in capsys.readouterr().err and not db.exists()

@@ -1,0 +1,74 @@
+"""optuna-dashboard in a real browser (headless Chromium): the study's note holds the report, and a trial's
+page shows its note, its curves image and its reconstruction grid, each rendered."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+import objective
+from tests.runner_helpers import one_thread, tiny_study, wait_for, worker_env  # noqa: F401
+from tests.test_dashboard import DASHBOARD, answers, free_port
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1400,2400"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def page_text(driver, url: str, needle: str) -> str:
+    driver.get(url)
+    return wait_for(lambda: (t := driver.find_element("tag name", "body").text) and needle in t and t, 60,
+                    f"{needle!r} on {url}", interval=0.5)
+
+
+def rendered_images(driver) -> dict[str, int]:
+    """alt text -> natural width of every image the page finished loading (0 = broken)."""
+    return {img.get_attribute("alt"): driver.execute_script(
+        "return arguments[0].complete ? arguments[0].naturalWidth : 0", img)
+        for img in driver.find_elements("tag name", "img")}
+
+
+@pytest.mark.slow
+def test_the_note_curves_and_reconstruction_render_in_a_browser(tmp_path, one_thread, browser):
+    url, art = f"sqlite:///{tmp_path}/s.db", tmp_path / "art"
+    assert objective.main(["--storage", url, "--study-file", str(tiny_study(tmp_path, n_trials=1)),
+                           "--artifact-dir", str(art)]) == 0
+    port = free_port()
+    log = open(tmp_path / "dashboard.log", "wb")
+    dashboard = subprocess.Popen([DASHBOARD, url, "--host", "127.0.0.1", "--port", str(port),
+                                  "--artifact-dir", str(art)], stdout=log, stderr=subprocess.STDOUT, env=worker_env())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: answers(f"{base}/api/studies"), 60, "the dashboard to answer", interval=0.5)
+        note = page_text(browser, f"{base}/dashboard/studies/1/note", "Success targets")
+        assert "Study tiny: maximize best_probe_accuracy" in note and "linear probe accuracy > 35%" in note
+        assert "The study file" in note and "linear_probe_vode_indices" in note
+        browser.save_screenshot(str(tmp_path / "note.png"))
+        trial = page_text(browser, f"{base}/dashboard/studies/1/trials", "Trial 0: completed")
+        assert "best probe accuracy" in trial
+        images = wait_for(lambda: (i := rendered_images(browser)) and i.get("curves.png") and
+                          i.get("reconstruction_epoch003.png") and i, 60, "the trial's images to load")
+        assert images["curves.png"] >= 800 and images["reconstruction_epoch003.png"] >= 384
+        browser.save_screenshot(str(tmp_path / "trial.png"))
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+        log.close()
