@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcvit.config import Config  # noqa: E402
-from pcvit.fast import energy_and_state_grads  # noqa: E402
+from pcvit.energy_vjp import energy_and_state_grads  # noqa: E402
 from pcvit.inference import States, state_grads  # noqa: E402
 from pcvit.model import PCViT  # noqa: E402
 

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import pcvit.config as pcvit_config  # noqa: E402
 from pcvit.config import Config  # noqa: E402
 from pcvit.data import load_data  # noqa: E402
-from pcvit.fast import resolve_attention, settle_states_inplace, state_step_  # noqa: E402
+from pcvit.energy_vjp import resolve_attention, settle_states_inplace, state_step_  # noqa: E402
 from pcvit.train import Run  # noqa: E402
 
 train_module = importlib.import_module("pcvit.train")  # `pcvit.train` the attribute is the train() function

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .config import Config
-from .fast import energy_and_state_grads, settle_states_inplace
+from .energy_vjp import energy_and_state_grads, settle_states_inplace
 from .model import PCViT
 
 

@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-import pcvit.fast as fast
+import pcvit.energy_vjp as fast
 import pcvit.inference as inference
 from pcvit.config import IMPLEMENTATIONS, Config
-from pcvit.fast import energy_and_state_grads, resolve_attention, settle_states_inplace
+from pcvit.energy_vjp import energy_and_state_grads, resolve_attention, settle_states_inplace
 from pcvit.inference import States, layer_scales, settle_states, state_grads
 from pcvit.model import PCViT
 
