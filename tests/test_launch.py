@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from studies import launch
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Prints its environment and arguments, then sleeps; on SIGTERM/SIGINT says so and exits with
 # 128 + the signal, as pcvit-worker does after failing its trial.

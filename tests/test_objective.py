@@ -18,7 +18,7 @@ import storage
 from pcvit import Config, train
 from studies.spec import load_spec
 from studies.worker import run_worker
-from tests.runner_helpers import TINY_FIXED, one_thread, run_workers_to_the_end, tiny_study, worker_env  # noqa: F401
+from tests.helpers import TINY_FIXED, run_workers_to_the_end, tiny_study, worker_env
 
 OPTUNA_CLI = str(pathlib.Path(sys.executable).parent / "optuna")
 RECORD = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run", "stop_reason",

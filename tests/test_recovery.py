@@ -22,8 +22,8 @@ from studies.report import outcome_trials
 from studies.search import build_pruner, build_sampler
 from studies.spec import load_spec
 from studies.worker import join_study
-from tests.runner_helpers import (finish, one_thread, run_workers_to_the_end, running_trial_with_checkpoint,  # noqa: F401
-                                  start_worker, tiny_study, trials, wait_for)
+from tests.helpers import (finish, run_workers_to_the_end, running_trial_with_checkpoint, start_worker, tiny_study,
+                           trials, wait_for)
 
 LONG = {"epochs": 12, "use_early_stopping": False}  # ~0.3 s an epoch: long enough to be killed midway
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage", "ignore::optuna.exceptions.ExperimentalWarning")

@@ -13,7 +13,7 @@ from studies.report import spearman
 from studies.search import build_pruner, build_sampler
 from studies.spec import load_spec
 from studies.worker import join_study
-from tests.runner_helpers import tiny_study
+from tests.helpers import tiny_study
 
 SPACE = {
     "use_vode_state_layernorm": {"type": "categorical", "choices": [False, True]},

@@ -10,7 +10,7 @@ import yaml
 import objective
 from studies import cli
 from studies.spec import NO_EFFECT, StudyFileError, load_spec, parse_spec, spec_diff
-from tests.runner_helpers import REPO, TINY_FIXED, TINY_SPACE
+from tests.helpers import REPO, TINY_FIXED, TINY_SPACE
 
 SHIPPED = sorted((REPO / "studies").glob("*.yaml"))
 

@@ -6,7 +6,7 @@ import torch
 from pcvit import Listener, Run, load_data, train
 from pcvit.config import IMPLEMENTATIONS
 
-from tests.core_helpers import tiny_config
+from tests.helpers import tiny_config
 
 
 def make_run(**changes) -> Run:
