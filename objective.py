@@ -39,8 +39,8 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 import storage
 from pcvit import Config, DatasetError, Listener, RunResult, load_data, train
 from storage import recovery, retry_db
-from studies.search import build_pruner, build_sampler, new_sampler_seed
-from studies.spec import METRICS, StudyFileError, StudySpec, load_spec
+from studies.search import build_pruner, build_sampler, load_study_file, new_sampler_seed
+from studies.spec import METRICS, StudyFileError, StudySpec
 from studies.worker import join_study, open_existing_study, run_worker
 
 log = logging.getLogger("pcvit.objective")
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage.resolve_url(args.storage)
     try:
-        spec = load_spec(args.study_file)
+        spec = load_study_file(args.study_file)
         base = Config.from_dict(suggest_config(optuna.trial.FixedTrial(_first_values(spec)), spec))
         load_data(base)  # a missing dataset fails here, before the storage is touched (and stays cached)
         sampler_seed = new_sampler_seed()

@@ -14,11 +14,12 @@ import argparse
 import sys
 
 import storage
-from studies.spec import StudyFileError, load_spec
+from studies.search import load_study_file
+from studies.spec import StudyFileError
 
 
 def validate(path: str) -> int:
-    spec = load_spec(path)
+    spec = load_study_file(path)
     print(f"{path}: ok: study {spec.name!r}, {len(spec.space)} sampled parameters, {len(spec.fixed)} fixed, "
           f"{spec.n_trials} trials, sampler {spec.sampler['type']}, pruner {spec.pruner['type']}")
     return 0

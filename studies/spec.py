@@ -168,11 +168,7 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
                 raise fail(f"space.{name}.type", "the grid sampler needs categorical parameters (list the grid)")
     _check_questions(doc["questions"], space, fail)
     _check_configs(doc["fixed"], space, fail)
-    spec = StudySpec(source, doc, text)
-    from studies.search import check_sampler_and_pruner  # search builds on this module
-
-    check_sampler_and_pruner(spec)
-    return spec
+    return StudySpec(source, doc, text)  # commands also build its sampler and pruner (studies.search.load_study_file)
 
 
 # --- pieces ----------------------------------------------------------------------------------------

@@ -32,3 +32,10 @@ def test_importing_pcvit_loads_none_of_them():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PCVIT.parent)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_launcher_imports_no_torch():
+    """pcvit-launch only starts processes: importing torch would cost seconds per launcher."""
+    code = "import sys, studies.launch; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'pcvit'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PCVIT.parent)
+    assert out.stdout.strip() == "[]"
