@@ -41,7 +41,7 @@ from pcvit import Config, DatasetError, Listener, RunResult, load_data, train
 from storage import recovery, retry_db
 from studies.search import build_pruner, build_sampler, load_study_file, new_sampler_seed
 from studies.spec import METRICS, StudyFileError, StudySpec
-from studies.worker import join_study, open_existing_study, run_worker
+from studies.worker import join_study, run_worker
 
 log = logging.getLogger("pcvit.objective")
 RESULT_ATTRS = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run",
@@ -190,16 +190,6 @@ def package_versions() -> dict[str, str]:
             code = ""
     versions["code"] = code or "unknown"
     return versions
-
-
-def load_trial_config(storage_url: str, study_name: str, trial_number: int) -> dict[str, Any]:
-    """The exact config of trial `trial_number` (for `pcvit-train --from-trial`): fixed + its params + its seed."""
-    study, spec = open_existing_study(storage_url, study_name)
-    trials = [t for t in study.get_trials(deepcopy=False) if t.number == trial_number]
-    if not trials:
-        raise StudyFileError(f"study {study_name!r} has no trial {trial_number}")
-    values = suggest_config(optuna.trial.FixedTrial(trials[0].params), spec)
-    return {**values, "seed": trials[0].user_attrs.get("seed", values.get("seed", Config.seed))}
 
 
 def main(argv: list[str] | None = None) -> int:

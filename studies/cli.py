@@ -4,8 +4,10 @@
     pcvit-study import-wandb sweep_12block_comprehensive.yaml -o studies/pcvit-12block-wandb.yaml
     pcvit-study reap --storage URL --study-name NAME      # fail + re-queue trials whose worker died
     pcvit-study report --storage URL --study-name NAME    # per-parameter effects, divergence per value
+    pcvit-study show-config --storage URL --study-name NAME 17 > trial17.yaml   # for pcvit-train --config
+    pcvit-study replay --storage URL --study-name NAME 17 [pcvit-train args]   # re-run trial 17 exactly
 
-Exit codes: 0 fine, 1 the file is invalid / an error in the study, 2 bad usage.
+Exit codes: 0 fine, 1 the file is invalid / an error in the study, 2 bad usage; replay: pcvit-train's.
 """
 
 from __future__ import annotations
@@ -54,6 +56,19 @@ def report(url: str, name: str) -> int:
     return 0
 
 
+def show_config(url: str, name: str, number: int) -> int:
+    from studies.replay import config_yaml
+
+    print(config_yaml(url, name, number), end="")
+    return 0
+
+
+def replay(url: str, name: str, number: int, train_args: list[str]) -> int:
+    from studies.replay import replay as replay_trial
+
+    return replay_trial(url, name, number, train_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pcvit-study", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         p = commands.add_parser(name, help=text)
         p.add_argument("--storage", help=f"storage URL (default: ${storage.URL_ENV} or {storage.DEFAULT_URL})")
         p.add_argument("--study-name", required=True)
+    for name, text in (("show-config", "print a trial's config as YAML for pcvit-train --config"),
+                       ("replay", "re-run a trial exactly with pcvit-train (further arguments go to pcvit-train)")):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("--storage", help=f"storage URL (default: ${storage.URL_ENV} or {storage.DEFAULT_URL})")
+        p.add_argument("--study-name", required=True)
+        p.add_argument("number", type=int, help="the trial's number")
+        if name == "replay":
+            p.add_argument("train_args", nargs=argparse.REMAINDER, help="pcvit-train arguments, e.g. --out DIR")
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
@@ -75,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import-wandb":
             return import_wandb(args.sweep, args.output, args.n_trials)
         url = storage.resolve_url(args.storage)
+        if args.command == "show-config":
+            return show_config(url, args.study_name, args.number)
+        if args.command == "replay":
+            return replay(url, args.study_name, args.number, args.train_args)
         return reap(url, args.study_name) if args.command == "reap" else report(url, args.study_name)
     except (StudyFileError, storage.StorageError) as exc:
         print(f"pcvit-study: error: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from storage.recovery import is_retry
-from studies.spec import StudySpec
+from studies.spec import StudySpec, param_value
 from studies.worker import SURPLUS
 
 SUCCESS = {"best_probe_accuracy": (0.35, "probe accuracy > 35% (the document's primary target)"),
@@ -102,9 +102,7 @@ def parameter_table(trials: list[FrozenTrial], name: str, param: dict, metric: s
 
 
 def value_of(trial: FrozenTrial, name: str, param: dict) -> Any:
-    if param["type"] == "zero_or_log" and trial.params.get(f"{name}_is_zero"):
-        return 0.0
-    return trial.params.get(name)
+    return param_value(trial.params, name, param)
 
 
 def group_trials(trials: list[FrozenTrial], name: str, param: dict) -> list[tuple[str, list[FrozenTrial]]]:

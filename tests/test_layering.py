@@ -21,8 +21,7 @@ def imported_top_level_names(path: Path) -> set[str]:
 
 def test_no_module_of_pcvit_imports_the_runner_layers():
     for path in PCVIT.rglob("*.py"):
-        allowed = {"objective"} if path.name == "cli.py" else set()  # --from-trial: lazy, only when asked for
-        leaked = (imported_top_level_names(path) & set(FORBIDDEN)) - allowed
+        leaked = imported_top_level_names(path) & set(FORBIDDEN)
         assert not leaked, f"{path.name} imports {sorted(leaked)}"
 
 

@@ -11,14 +11,17 @@ import sys
 import optuna
 import pytest
 import torch
+import yaml
 from optuna.trial import TrialState
 
 import objective
 import storage
 from pcvit import Config, train
+from studies import cli
+from studies.replay import trial_config
 from studies.spec import load_spec
 from studies.worker import run_worker
-from tests.helpers import TINY_FIXED, run_workers_to_the_end, tiny_study, worker_env
+from tests.helpers import TINY_FIXED, TINY_SPACE, run_workers_to_the_end, tiny_study, worker_env
 
 OPTUNA_CLI = str(pathlib.Path(sys.executable).parent / "optuna")
 RECORD = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run", "stop_reason",
@@ -62,12 +65,36 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
     assert not list(art.glob("checkpoint-*"))  # finished trials leave no checkpoint behind
     assert len({t.params["peak_lr_hidden"] for t in done}) == 2
 
-    # the budget is spent: a second worker leaves at once, and a trial replays exactly from the storage
+    # the budget is spent: a second worker leaves at once
     assert run_main(url, study_file, art) == 0 and len(load(url).trials) == 2
-    config = objective.load_trial_config(url, "tiny", 1)
+
+
+def test_a_trial_replays_exactly_from_the_storage(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_file = tiny_study(tmp_path, n_trials=2, space={
+        **TINY_SPACE, "intermediate_l1_coeff": {"type": "zero_or_log", "low": 1e-4, "high": 1e-2}})
+    study = optuna.create_study(study_name="tiny", storage=storage.open_storage(url), direction="maximize")
+    study.enqueue_trial({"intermediate_l1_coeff_is_zero": True})
+    study.enqueue_trial({"intermediate_l1_coeff_is_zero": False, "intermediate_l1_coeff": 3e-3})
+    assert run_main(url, study_file, tmp_path / "art") == 0
+    done = load(url).trials
+    assert trial_config(url, "tiny", 0)["intermediate_l1_coeff"] == 0.0
+    config = trial_config(url, "tiny", 1)
     assert config["peak_lr_hidden"] == done[1].params["peak_lr_hidden"] and config["seed"] == 10
+    assert config["intermediate_l1_coeff"] == 3e-3
     replay = train(Config.from_dict(config))
     assert replay.probe_accuracies == list(done[1].intermediate_values.values())
+
+    # the same through the commands: show-config prints it for pcvit-train --config; replay runs it
+    capsys.readouterr()
+    assert cli.main(["show-config", "--storage", url, "--study-name", "tiny", "1"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == config
+    summary = tmp_path / "replay.json"
+    assert cli.main(["replay", "--storage", url, "--study-name", "tiny", "1", "--no-progress",
+                     "--out", str(tmp_path / "run"), "--summary-json", str(summary)]) == 0
+    assert json.loads(summary.read_text())["probe_accuracies"] == replay.probe_accuracies
+    assert cli.main(["show-config", "--storage", url, "--study-name", "tiny", "7"]) == 1
+    assert "has no trial 7" in capsys.readouterr().err
 
 
 def test_worker_joins_a_study_made_by_optuna_create_study(tmp_path):

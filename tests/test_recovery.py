@@ -13,11 +13,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import objective
 import storage
 from pcvit import Config, train
 from storage.recovery import OWNER, Heartbeat, fail_trial, requeue, retry_stale_trial
 from studies import cli
+from studies.replay import trial_config
 from studies.report import outcome_trials
 from studies.search import build_pruner, build_sampler
 from studies.spec import load_spec
@@ -81,7 +81,7 @@ def test_stopped_then_killed_worker_lose_nothing_and_the_trial_resumes_exactly(t
     assert_resumed(retry, killed, LONG["epochs"])
     assert not list(art.glob("checkpoint-*"))
     # resuming twice changed nothing: an uninterrupted run of the same trial reports the same accuracies
-    uninterrupted = train(Config.from_dict(objective.load_trial_config(url, "tiny", 2)))
+    uninterrupted = train(Config.from_dict(trial_config(url, "tiny", 2)))
     assert uninterrupted.probe_accuracies == list(retry.intermediate_values.values())
 
 
