@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pcvit.config import Config  # noqa: E402
+from pcvit.config import Config, resolve_precision  # noqa: E402
 from pcvit.energy_vjp import energy_and_state_grads  # noqa: E402
 from pcvit.inference import States, state_grads  # noqa: E402
 from pcvit.model import PCViT  # noqa: E402
@@ -42,17 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--shape", action="append", help="blocks/hidden/heads/batch (repeatable)")
-    p.add_argument("--precision", default="float32")
+    p.add_argument("--precision", default="auto", help="auto (tf32 on CUDA, as the original), float32, tf32, bf16")
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    args.precision = resolve_precision(args.precision, device.type)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     else:
-        torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
     now = timer(device)
     shapes = args.shape or ["2/32/2/32", "4/64/4/32", "12/64/1/32", "12/128/4/32"]
     for shape in shapes:

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pcvit.config as pcvit_config  # noqa: E402
-from pcvit.config import Config  # noqa: E402
+from pcvit.config import Config, resolve_precision  # noqa: E402
 from pcvit.data import load_data  # noqa: E402
 from pcvit.energy_vjp import resolve_attention, settle_states_inplace, state_step_  # noqa: E402
 from pcvit.train import Run  # noqa: E402
@@ -108,7 +108,8 @@ class Trial:
 
     def __init__(self, name: str, shape, precision: str, device: torch.device, batches: int,
                  compile_mode: str | None):
-        self.name, self.shape, self.precision, self.device = name, shape, precision, device
+        self.name, self.shape, self.device = name, shape, device
+        self.precision = resolve_precision(precision, device.type)  # recorded as run: auto is tf32 on CUDA
         impl, compiled = name.split("+")[0], name.endswith("+compile")
         L, H, heads, B, T = shape
         config = Config(dataset="synthetic", num_blocks=L, hidden_size=H, num_heads=heads, batch_size=B,
@@ -325,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--batches", type=int, default=None, help="batches per implementation (default 8 CPU, 15 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first batches (default 2 CPU, 5 CUDA)")
-    p.add_argument("--precision", default="float32", help="comma list of float32, tf32, bf16")
+    p.add_argument("--precision", default="auto", help="comma list of auto, float32, tf32, bf16 (default auto: tf32 "
+                                                       "on CUDA, what the original ran and its timings are of)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--interleave", dest="interleave", action="store_true", default=None,
                    help="one batch of each implementation in turn (default on CPU; no per-implementation memory)")

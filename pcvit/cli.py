@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from .config import Config, ConfigError, coerce, field_names
+from .config import Config, ConfigError, coerce, field_names, resolve_precision
 from .data import DatasetError, load_data, resolve_device
 from .listeners import Listener, RunResult
 from .probe import raw_patch_baseline
@@ -136,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError) as exc:
         print(f"pcvit-train: error: {exc}", file=sys.stderr)
         return 2
-    print(f"device {resolve_device(config.device)} | {config.dataset} {len(data.train_images)} train images | "
+    device = resolve_device(config.device)
+    print(f"device {device} | {config.dataset} {len(data.train_images)} train images | "
           f"{config.num_blocks} blocks, hidden {config.hidden_size}, {config.num_heads} heads, "
-          f"{config.implementation} | torch {torch.__version__}", flush=True)
+          f"{config.implementation}, {resolve_precision(config.precision, device.type)} matmuls | "
+          f"torch {torch.__version__}", flush=True)
     if args.baseline:
         print(f"raw-patch probe baseline: {raw_patch_baseline(data, config):.4f}", flush=True)
     started = time.time()

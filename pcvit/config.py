@@ -16,7 +16,7 @@ from typing import Any
 DATASETS = ("cifar10", "fashion-mnist", "synthetic")
 IMPLEMENTATIONS = ("plain", "parallel", "vjp")
 RESIDUALS = ("double", "single")
-PRECISIONS = ("float32", "tf32", "bf16")
+PRECISIONS = ("auto", "float32", "tf32", "bf16")  # auto: resolve_precision(), once the device is known
 
 
 class ConfigError(ValueError):
@@ -105,7 +105,8 @@ class Config:
     # --- how to compute (same maths) -----------------------------------------------------------
     implementation: str = "vjp"  # vjp: all blocks at once + hand-written state gradient (pcvit/fast.py);
     #                              parallel: all blocks at once, autograd; plain: block after block (reference)
-    precision: str = "float32"  # float32 | tf32 | bf16 matmuls (states and updates stay float32)
+    precision: str = "auto"  # auto = tf32 on CUDA (what the original's JAX ran there), float32 on the CPU;
+    #                          float32 | tf32 | bf16 matmuls (states and updates stay float32)
     device: str = "auto"  # auto = cuda if available, else cpu
 
     def __post_init__(self) -> None:
@@ -144,6 +145,17 @@ class Config:
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """The matmul precision a run uses on a device of this type ("cuda", "cpu").
+
+    `auto` is the original's: it never set a precision, so on the A100/H100-class GPUs it ran on, JAX computed
+    float32 matrix products in TF32 (its default there); on the CPU, float32. TF32 exists on CUDA only.
+    """
+    if precision in ("auto", "tf32"):
+        return "tf32" if device_type == "cuda" else "float32"
+    return precision
 
 
 def coerce(name: str, value: Any) -> Any:

@@ -60,6 +60,7 @@ class RunResult:
     wall_time_s: float = 0.0
     device: str = "cpu"
     implementation: str = ""  # the config's, set by the run
+    precision: str = ""  # the matmul precision used: the config's, with auto resolved for the device
     probe_accuracies: list[float] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per epoch
     image_paths: list[str] = field(default_factory=list)

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, resolve_precision
 from .data import ImageData, load_data
 from .images import save_reconstruction_grid
 from .inference import States, init_states, layer_scales, settle_states
@@ -44,9 +44,10 @@ class Run:
         self.listeners = list(listeners)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = data.device
+        self.precision = resolve_precision(config.precision, self.device.type)  # auto: tf32 on CUDA, as the original
         if self.device.type == "cuda":  # matmul precision is process-wide: set it for this run
-            torch.backends.cuda.matmul.allow_tf32 = config.precision == "tf32"
-            torch.backends.cudnn.allow_tf32 = config.precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
+            torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
         self.generator = torch.Generator().manual_seed(config.seed)  # weights, h0 noise, shuffling
         self.model = PCViT(config, data.channels, data.image_size, generator=self.generator).to(self.device)
         self.optim_w = make_weight_optimizer(self.model, config)
@@ -59,7 +60,8 @@ class Run:
         self.total_steps = config.epochs * self.batches_per_epoch  # the schedules' horizon
         self.global_step = 0
         self.epoch = 0  # completed epochs
-        self.result = RunResult(device=str(self.device), implementation=config.implementation)
+        self.result = RunResult(device=str(self.device), implementation=config.implementation,
+                                precision=self.precision)
         self.early_best: float | None = None
         self.early_counter = 0
         self.milestone_reached = False
@@ -290,6 +292,7 @@ class Run:
         for key, value in saved.items():
             setattr(self.result, key, float(value) if value in ("inf", "-inf", "nan") else value)
         self.result.device, self.result.implementation = str(self.device), self.config.implementation
+        self.result.precision = self.precision
 
 
 def train(config: Config, data: ImageData | None = None, listeners: Iterable[Listener] = (),

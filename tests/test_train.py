@@ -143,3 +143,15 @@ def test_outputs_written_to_out_dir(tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["reconstruction_epoch001.png", "reconstruction_epoch002.png"]
     assert result.image_paths == [str(tmp_path / p) for p in pngs]
+
+
+def test_the_run_records_its_matmul_precision_on_the_cpu():
+    assert make_run().precision == "float32" and make_run(precision="bf16").result.precision == "bf16"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision, tf32", [("auto", True), ("tf32", True), ("float32", False)])
+def test_a_cuda_run_sets_tf32_as_its_precision_says(precision, tf32):
+    run = make_run(device="cuda", precision=precision)
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    assert run.result.precision == ("tf32" if tf32 else "float32")
