@@ -3,7 +3,7 @@
     python benchmarks/bench_grads.py                                   # CPU, a few shapes, one thread
     python benchmarks/bench_grads.py --device cuda --shape 12/128/4/200 --shape 12/64/1/200 --out DIR
 
-Autograd through `plain` and `parallel` (pcvit.inference.state_grads) against pcvit.fast's hand-written VJP with
+Autograd through `plain` and `parallel` (pcvit.inference.state_grads) against pcvit.energy_vjp's hand-written VJP with
 explicit (`vjp-math`) and fused (`vjp-fused`) attention; `--compile` adds compiled variants. On a CPU the time is
 the thread's CPU time (robust on a shared machine) with one thread unless --threads says otherwise; on CUDA it
 is wall time with a sync. Min and median of --repeat calls after two warm-up calls; one JSON line per

@@ -13,7 +13,7 @@ precision) after the same batches. On CUDA the implementations run one after the
 own peak memory; on a CPU they take turns batch by batch (`--interleave`), so that the load of a shared machine
 falls on all of them alike.
 
-Implementations: `plain`, `parallel` (autograd on model.py's two forwards) and `vjp` (pcvit.fast's hand-written
+Implementations: `plain`, `parallel` (autograd on model.py's two forwards) and `vjp` (pcvit.energy_vjp's hand-written
 state gradients, stepped in place). `NAME+compile` runs NAME under torch.compile (for vjp the whole in-place
 state step, patched into `pcvit.train.settle_states` for that run only; model.energy for the weight step); on
 CUDA every implementation also runs compiled by default (`--no-compile` turns that off). Nothing is written

@@ -103,7 +103,7 @@ class Config:
     reinitialize_model_for_each_epoch: bool = False
 
     # --- how to compute (same maths) -----------------------------------------------------------
-    implementation: str = "vjp"  # vjp: all blocks at once + hand-written state gradient (pcvit/fast.py);
+    implementation: str = "vjp"  # vjp: all blocks at once + hand-written state gradient (pcvit/energy_vjp.py);
     #                              parallel: all blocks at once, autograd; plain: block after block (reference)
     precision: str = "auto"  # auto = tf32 on CUDA (what the original's JAX ran there), float32 on the CPU;
     #                          float32 | tf32 | bf16 matmuls (states and updates stay float32)

@@ -1,4 +1,4 @@
-"""The hand-written VJP (`pcvit.fast`) against autograd on the `parallel` model, and against finite differences.
+"""The hand-written VJP (`pcvit.energy_vjp`) against autograd on the `parallel` model, and against finite differences.
 
 Runs on the CPU by default; PCVIT_TEST_DEVICE=cuda runs the same checks on a GPU (TF32 is switched off here,
 so both sides compute in true float32).
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-import pcvit.energy_vjp as fast
+import pcvit.energy_vjp as energy_vjp
 import pcvit.inference as inference
 from pcvit.config import IMPLEMENTATIONS, Config
 from pcvit.energy_vjp import energy_and_state_grads, resolve_attention, settle_states_inplace
@@ -192,7 +192,7 @@ def test_qkv_grad_product_for_both_grad_layouts():
     w_t = torch.randn(2, 24, 8, device=DEVICE)
     expected = torch.bmm(packed.reshape(2, 48, 24), w_t)
     grads = packed.permute(2, 0, 3, 1, 4)  # each (LB, nh, N, d), views of the packed tensor
-    products = fast._Products("float32")
+    products = energy_vjp._Products("float32")
     for layout in ([t.transpose(1, 2).contiguous().transpose(1, 2) for t in grads],  # (LB, N, nh, d) memory
                    [t.contiguous() for t in grads]):  # (LB, nh, N, d) memory
-        assert_close(fast._qkv_grads_times(*layout, w_t, 2, 48, products), expected, 1e-6, "d(qkv) @ W^T")
+        assert_close(energy_vjp._qkv_grads_times(*layout, w_t, 2, 48, products), expected, 1e-6, "d(qkv) @ W^T")
