@@ -1,7 +1,7 @@
 """Time PC-ViT training batches for every implementation side by side; one JSON line per (implementation, config).
 
     python benchmarks/bench_train.py                       # CPU: small grid, eager, a few minutes on 2 cores
-    python benchmarks/bench_train.py --device cuda --out bench-out/gpu   # issue 3 grid + the largest config
+    python benchmarks/bench_train.py --device cuda --out bench-out/gpu   # the GPU grid + the largest config
     python benchmarks/bench_train.py --concurrent 4 --impl vjp --config 12/128/4/200/20   # 4 processes, 1 GPU
 
 Each implementation trains the same `--batches` synthetic batches from the same seed with `pcvit.train.Run`
@@ -51,7 +51,7 @@ train_module = importlib.import_module("pcvit.train")  # `pcvit.train` the attri
 IMPLEMENTATIONS = pcvit_config.IMPLEMENTATIONS
 GRIDS = {  # blocks / hidden / heads / batch / inference steps
     "small": ["2/32/2/32/5", "4/64/4/32/5"],
-    "gpu": ["12/64/1/200/20", "12/128/4/200/20", "6/64/1/200/20", "12/128/4/256/40"],  # issue 3 + the largest
+    "gpu": ["12/64/1/200/20", "12/128/4/200/20", "6/64/1/200/20", "12/128/4/256/40"],  # speed goal + the largest
 }
 
 
@@ -65,7 +65,7 @@ def flops_per_batch(L: int, H: int, M: int, N: int, P: int, B: int, T: int) -> d
     plus per token 2*P*H for the patch projection and 2*H*P for the output projection (each in F, V and W).
     One inference step = F + V; the weight step = F + V + W (autograd also pulls the errors back through the
     blocks); the reconstruction after it = F (the top-down chain). batch = T*step + weight step + reconstruction.
-    Issue 3's "about 4 TFLOP" for 12/128/4 counts every backward as twice the forward; this count gives 3.0.
+    An estimate of "about 4 TFLOP" for 12/128/4 counts every backward as twice the forward; this count gives 3.0.
     """
     linear = 2 * (4 * H * H + 2 * H * M)
     fwd = L * (linear + 4 * N * H) + 4 * P * H

@@ -1,6 +1,6 @@
 """Every hyperparameter of a PC-ViT run, in one frozen dataclass.
 
-Field names are the original's (`../shared/docs/pcvit-algorithm.md` section 9), so that study files,
+Field names are the original's (its config files and W&B sweep parameters), so that study files,
 W&B sweeps and `--set KEY=VALUE` all speak the same words. Defaults are the original 12-block sweep's
 fixed values plus its base config; sampled parameters default to a value inside the sweep's range.
 `Config(...)` validates itself and names the bad field; derive variants with `dataclasses.replace`.
