@@ -36,13 +36,14 @@ class Config:
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * H
     patch_size: int = 4  # 32x32 CIFAR -> 8x8 = 64 patches of 48; 28x28 F-MNIST -> 49 of 16
     theta: float = 10000.0  # base of the fixed 2-D sinusoidal positional encoding
-    residual: str = "double"  # double: u = 2h + attn + mlp (the original); single: u = h + block(h)
+    residual: str = "double"  # double: u = h + Block(h) = 2h + attn + mlp (the original); single: u = Block(h) =
+    #                           h + attn + mlp (the pcx block alone, without the decoder's outer residual)
     use_vode_state_layernorm: bool = False  # LayerNorm on each state before it feeds the next layer
     use_noise: bool = True  # top latent starts as 0.01*N(0,1) (else zeros)
 
     # --- inference (state updates) -------------------------------------------------------------
     inference_steps: int = 20  # T, per training batch and per probe batch
-    eval_inference_steps: int = 20  # T of validation and reconstruction (fixed in the original)
+    eval_inference_steps: int = 20  # T of validation (fixed in the original, whatever inference_steps is)
     peak_lr_hidden: float = 0.095  # SGD lr of the states; see use_lr_schedule_h for its quirk
     hidden_momentum: float = 0.4  # SGD momentum of the states (no dampening, no Nesterov)
     h_grad_clip_norm: float = 2000.0  # ONE global norm over all states and the whole batch
@@ -82,6 +83,7 @@ class Config:
     reconstruction_every_n_epochs: int = 25
     save_reconstruction_images: bool = True
     divergence_check_every: int = 10  # batches between NaN/inf checks (one GPU sync each)
+    reconstruction_steps: int = 20  # T of the reconstruction image (the original's reconstruction_steps [20])
 
     # --- linear probe --------------------------------------------------------------------------
     linear_probe_every_n_epochs: int = 1  # 0 = never
@@ -224,6 +226,7 @@ def _validate(c: Config) -> None:
                  "batch_size", "train_subset", "test_subset", "validation_subset", "epochs",
                  "linear_probe_epochs", "linear_probe_batch_size", "divergence_check_every"):
         need(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}")
+    need(c.reconstruction_steps >= 1, "reconstruction_steps", f"must be >= 1, got {c.reconstruction_steps}")
     for name in ("peak_lr_hidden", "peak_lr_weights", "hidden_lr_inference", "h_grad_clip_norm", "w_grad_clip_norm",
                  "theta", "mlp_ratio", "inference_lr_scale_base", "linear_probe_lr"):
         need(getattr(c, name) > 0, name, f"must be > 0, got {getattr(c, name)}")

@@ -51,7 +51,8 @@ class RunResult:
     best_probe_accuracy: float = 0.0  # running max over all probes; 0.0 when never probed (as the original)
     best_train_mse: float = math.inf
     final_train_mse: float = math.nan
-    best_val_mse: float = math.inf  # inf when never validated (as the original)
+    best_val_mse: float = math.inf  # the original's: first validation, then only gains > min_delta; inf if none
+    min_val_mse: float = math.inf  # the lowest validation MSE of the run; inf when never validated
     epochs_run: int = 0
     stop_reason: str = "completed"  # one of STOP_REASONS
     stop_detail: str = ""  # e.g. the listener's reason, or which quantity diverged

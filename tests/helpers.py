@@ -72,6 +72,7 @@ def tiny_config_file(folder: pathlib.Path, **changes) -> list[str]:
 TINY_FIXED = {
     "dataset": "synthetic", "num_blocks": 1, "hidden_size": 8, "batch_size": 50, "train_subset": 100,
     "test_subset": 50, "validation_subset": 50, "epochs": 3, "inference_steps": 2, "eval_inference_steps": 2,
+    "reconstruction_steps": 2,
     "validation_every_n_epochs": 3, "reconstruction_every_n_epochs": 3, "linear_probe_every_n_epochs": 1,
     "linear_probe_epochs": 2, "linear_probe_lr": 0.01, "linear_probe_batch_size": 50,
     "linear_probe_vode_indices": "0 1 2", "seed": 10, "device": "cpu",

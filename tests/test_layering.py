@@ -53,8 +53,9 @@ def project_imports() -> dict[str, set[str]]:
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         tree = ast.parse(path.read_text())
-        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                       and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING") for n in ast.walk(block)}
+        typing_only = {id(n) for block in ast.walk(tree)  # `if TYPE_CHECKING:` imports are for annotations only
+                       if isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
+                       for n in ast.walk(block)}
         targets = set()
         for node in ast.walk(tree):
             if id(node) in typing_only:
