@@ -46,6 +46,7 @@ def ignore_sigint() -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow
 def test_ctrl_c_and_sigterm_stop_cleanly_and_still_write_the_summary(tmp_path, sig):
     summary = tmp_path / "s.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -21,7 +21,7 @@ from studies import cli
 from studies.replay import trial_config
 from studies.spec import load_spec
 from studies.worker import run_worker
-from tests.helpers import TINY_FIXED, TINY_SPACE, run_workers_to_the_end, tiny_study, worker_env
+from tests.helpers import TINY_SPACE, run_workers_to_the_end, tiny_study, worker_env
 
 OPTUNA_CLI = str(pathlib.Path(sys.executable).parent / "optuna")
 RECORD = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run", "stop_reason",
@@ -40,6 +40,7 @@ def load(url, name="tiny"):
     return optuna.load_study(study_name=name, storage=storage.open_storage(url))
 
 
+@pytest.mark.slow
 def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
     url, art = f"sqlite:///{tmp_path}/s.db", tmp_path / "art"
     study_file = tiny_study(tmp_path, n_trials=2)
@@ -69,6 +70,7 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
     assert run_main(url, study_file, art) == 0 and len(load(url).trials) == 2
 
 
+@pytest.mark.slow
 def test_a_trial_replays_exactly_from_the_storage(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/s.db"
     study_file = tiny_study(tmp_path, n_trials=2, space={
@@ -97,6 +99,7 @@ def test_a_trial_replays_exactly_from_the_storage(tmp_path, capsys):
     assert "has no trial 7" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_worker_joins_a_study_made_by_optuna_create_study(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     env = worker_env()
@@ -119,6 +122,7 @@ def test_worker_refuses_a_study_made_for_the_other_direction(tmp_path, capsys):
     assert "direction" in capsys.readouterr().err and load(url).user_attrs == {}
 
 
+@pytest.mark.slow
 def test_worker_with_a_different_study_file_refuses_with_a_diff_and_changes_nothing(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/s.db"
     assert run_main(url, tiny_study(tmp_path, n_trials=1), tmp_path / "art") == 0
@@ -131,6 +135,7 @@ def test_worker_with_a_different_study_file_refuses_with_a_diff_and_changes_noth
     assert len(after.trials) == len(before.trials) and after.user_attrs == before.user_attrs
 
 
+@pytest.mark.slow
 def test_pruner_stops_a_clearly_bad_trial_and_keeps_a_good_one(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     good, bad = {"linear_probe_lr": 0.1}, {"linear_probe_lr": 1e-7}
@@ -148,6 +153,7 @@ def test_pruner_stops_a_clearly_bad_trial_and_keeps_a_good_one(tmp_path):
     assert len(pruned.intermediate_values) < 4 and pruned.user_attrs["stop_detail"] == "pruned"
 
 
+@pytest.mark.slow
 def test_diverged_trial_is_pruned_with_its_reason_and_the_worker_goes_on(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     study_file = tiny_study(tmp_path, n_trials=2, fixed={"h_grad_clip_norm": 1e30},
@@ -223,7 +229,3 @@ def test_budget_check_after_ask_fails_surplus_trials(tmp_path):
     assert "surplus" in surplus.user_attrs["fail_reason"]
     study.ask = ask
     assert next_trial(study, spec) is None and len(study.trials) == 3  # the count now stops it before asking
-
-
-def test_tiny_study_fixed_settings_are_a_valid_config():
-    Config.from_dict(TINY_FIXED)

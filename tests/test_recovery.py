@@ -92,6 +92,7 @@ def open_study(url, study_file):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.slow
 def test_heartbeat_reaps_a_silent_trial_of_another_machine_not_a_live_one(backend, tmp_path, request, capsys):
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path}/s.db"

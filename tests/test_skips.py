@@ -45,6 +45,7 @@ def test_skips_on_request():
 
 
 @pytest.mark.parametrize("reason, code", [("no server here", 1), ("needs CUDA", 0)])
+@pytest.mark.slow
 def test_no_skips_fails_the_run_on_any_skip_but_a_cuda_only_one(reason, code):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-skips",
                           "tests/test_skips.py::test_skips_on_request"], cwd=REPO, capture_output=True, text=True,
