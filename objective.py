@@ -45,7 +45,7 @@ from studies.reconstruction_view import labelled_grid
 from studies.search import build_pruner, build_sampler, new_sampler_seed
 from studies.spec import METRICS, StudyFileError, StudySpec
 from studies.study_source import resolve_spec
-from studies.worker import join_study, open_existing_study, run_worker
+from studies.worker import join_study, run_worker
 from studies.worker_args import parse_worker_args
 
 log = logging.getLogger("pcvit.objective")
@@ -223,16 +223,6 @@ def package_versions() -> dict[str, str]:
             code = ""
     versions["code"] = code or "unknown"
     return versions
-
-
-def load_trial_config(storage_url: str, study_name: str, trial_number: int) -> dict[str, Any]:
-    """The exact config of trial `trial_number` (for `pcvit-train --from-trial`): fixed + its params + its seed."""
-    study, spec = open_existing_study(storage_url, study_name)
-    trials = [t for t in study.get_trials(deepcopy=False) if t.number == trial_number]
-    if not trials:
-        raise StudyFileError(f"study {study_name!r} has no trial {trial_number}")
-    values = suggest_config(optuna.trial.FixedTrial(trials[0].params), spec)
-    return {**values, "seed": trials[0].user_attrs.get("seed", values.get("seed", Config.seed))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     python benchmarks/bench_grads.py                                   # CPU, a few shapes, one thread
     python benchmarks/bench_grads.py --device cuda --shape 12/128/4/200 --shape 12/64/1/200 --out DIR
 
-Autograd through `plain` and `parallel` (pcvit.inference.state_grads) against pcvit.fast's hand-written VJP with
+Autograd through `plain` and `parallel` (pcvit.inference.state_grads) against pcvit.energy_vjp's hand-written VJP with
 explicit (`vjp-math`) and fused (`vjp-fused`) attention; `--compile` adds compiled variants. On a CPU the time is
 the thread's CPU time (robust on a shared machine) with one thread unless --threads says otherwise; on CUDA it
 is wall time with a sync. Min and median of --repeat calls after two warm-up calls; one JSON line per
@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pcvit.config import Config  # noqa: E402
-from pcvit.fast import energy_and_state_grads  # noqa: E402
+from pcvit.config import Config, resolve_precision  # noqa: E402
+from pcvit.energy_vjp import energy_and_state_grads  # noqa: E402
 from pcvit.inference import States, state_grads  # noqa: E402
 from pcvit.model import PCViT  # noqa: E402
 
@@ -42,17 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--shape", action="append", help="blocks/hidden/heads/batch (repeatable)")
-    p.add_argument("--precision", default="float32")
+    p.add_argument("--precision", default="auto", help="auto (tf32 on CUDA, as the original), float32, tf32, bf16")
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    args.precision = resolve_precision(args.precision, device.type)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     else:
-        torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
     now = timer(device)
     shapes = args.shape or ["2/32/2/32", "4/64/4/32", "12/64/1/32", "12/128/4/32"]
     for shape in shapes:

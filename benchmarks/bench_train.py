@@ -1,7 +1,7 @@
 """Time PC-ViT training batches for every implementation side by side; one JSON line per (implementation, config).
 
     python benchmarks/bench_train.py                       # CPU: small grid, eager, a few minutes on 2 cores
-    python benchmarks/bench_train.py --device cuda --out bench-out/gpu   # issue 3 grid + the largest config
+    python benchmarks/bench_train.py --device cuda --out bench-out/gpu   # the GPU grid + the largest config
     python benchmarks/bench_train.py --concurrent 4 --impl vjp --config 12/128/4/200/20   # 4 processes, 1 GPU
 
 Each implementation trains the same `--batches` synthetic batches from the same seed with `pcvit.train.Run`
@@ -13,7 +13,7 @@ precision) after the same batches. On CUDA the implementations run one after the
 own peak memory; on a CPU they take turns batch by batch (`--interleave`), so that the load of a shared machine
 falls on all of them alike.
 
-Implementations: `plain`, `parallel` (autograd on model.py's two forwards) and `vjp` (pcvit.fast's hand-written
+Implementations: `plain`, `parallel` (autograd on model.py's two forwards) and `vjp` (pcvit.energy_vjp's hand-written
 state gradients, stepped in place). `NAME+compile` runs NAME under torch.compile (for vjp the whole in-place
 state step, patched into `pcvit.train.settle_states` for that run only; model.energy for the weight step); on
 CUDA every implementation also runs compiled by default (`--no-compile` turns that off). Nothing is written
@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pcvit.config as pcvit_config  # noqa: E402
-from pcvit.config import Config  # noqa: E402
+from pcvit.config import Config, resolve_precision  # noqa: E402
 from pcvit.data import load_data  # noqa: E402
-from pcvit.fast import resolve_attention, settle_states_inplace, state_step_  # noqa: E402
+from pcvit.energy_vjp import resolve_attention, settle_states_inplace, state_step_  # noqa: E402
 from pcvit.train import Run  # noqa: E402
 
 train_module = importlib.import_module("pcvit.train")  # `pcvit.train` the attribute is the train() function
@@ -51,7 +51,7 @@ train_module = importlib.import_module("pcvit.train")  # `pcvit.train` the attri
 IMPLEMENTATIONS = pcvit_config.IMPLEMENTATIONS
 GRIDS = {  # blocks / hidden / heads / batch / inference steps
     "small": ["2/32/2/32/5", "4/64/4/32/5"],
-    "gpu": ["12/64/1/200/20", "12/128/4/200/20", "6/64/1/200/20", "12/128/4/256/40"],  # issue 3 + the largest
+    "gpu": ["12/64/1/200/20", "12/128/4/200/20", "6/64/1/200/20", "12/128/4/256/40"],  # speed goal + the largest
 }
 
 
@@ -65,7 +65,7 @@ def flops_per_batch(L: int, H: int, M: int, N: int, P: int, B: int, T: int) -> d
     plus per token 2*P*H for the patch projection and 2*H*P for the output projection (each in F, V and W).
     One inference step = F + V; the weight step = F + V + W (autograd also pulls the errors back through the
     blocks); the reconstruction after it = F (the top-down chain). batch = T*step + weight step + reconstruction.
-    Issue 3's "about 4 TFLOP" for 12/128/4 counts every backward as twice the forward; this count gives 3.0.
+    An estimate of "about 4 TFLOP" for 12/128/4 counts every backward as twice the forward; this count gives 3.0.
     """
     linear = 2 * (4 * H * H + 2 * H * M)
     fwd = L * (linear + 4 * N * H) + 4 * P * H
@@ -108,7 +108,8 @@ class Trial:
 
     def __init__(self, name: str, shape, precision: str, device: torch.device, batches: int,
                  compile_mode: str | None):
-        self.name, self.shape, self.precision, self.device = name, shape, precision, device
+        self.name, self.shape, self.device = name, shape, device
+        self.precision = resolve_precision(precision, device.type)  # recorded as run: auto is tf32 on CUDA
         impl, compiled = name.split("+")[0], name.endswith("+compile")
         L, H, heads, B, T = shape
         config = Config(dataset="synthetic", num_blocks=L, hidden_size=H, num_heads=heads, batch_size=B,
@@ -325,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--batches", type=int, default=None, help="batches per implementation (default 8 CPU, 15 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first batches (default 2 CPU, 5 CUDA)")
-    p.add_argument("--precision", default="float32", help="comma list of float32, tf32, bf16")
+    p.add_argument("--precision", default="auto", help="comma list of auto, float32, tf32, bf16 (default auto: tf32 "
+                                                       "on CUDA, what the original ran and its timings are of)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--interleave", dest="interleave", action="store_true", default=None,
                    help="one batch of each implementation in turn (default on CPU; no per-implementation memory)")

@@ -25,7 +25,7 @@ import pcvit.config as pcvit_config  # noqa: E402
 import pcvit.inference as inference  # noqa: E402
 from pcvit.config import Config  # noqa: E402
 from pcvit.data import load_data  # noqa: E402
-from pcvit.fast import energy_and_state_grads  # noqa: E402
+from pcvit.energy_vjp import energy_and_state_grads  # noqa: E402
 from pcvit.listeners import Listener  # noqa: E402
 from bench_train import emit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from pcvit.train import train  # noqa: E402

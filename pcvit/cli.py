@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from .config import Config, ConfigError, coerce, field_names
+from .config import Config, ConfigError, coerce, field_names, resolve_precision
 from .data import DatasetError, load_data, resolve_device
 from .diagnostics import format_table
 from .listeners import Listener, RunResult
@@ -87,8 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML file of config fields (keys = field names)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field; repeatable")
-    p.add_argument("--from-trial", nargs=3, metavar=("STORAGE_URL", "STUDY", "TRIAL_NUMBER"),
-                   help="re-run an Optuna trial exactly: its params and seed from the storage")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="folder for images and metrics.jsonl")
     p.add_argument("--summary-json", type=Path, help="write the final summary here (default: OUT/summary.json)")
     p.add_argument("--baseline", action="store_true",
@@ -104,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """YAML file, then the trial's values, then sugar flags, then --set: later wins. Names the bad key."""
+    """YAML file, then sugar flags, then --set: later wins. Names the bad key."""
     values: dict[str, Any] = {}
     if args.config is not None:
         try:
@@ -114,14 +112,6 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if not isinstance(loaded, dict):
             raise ConfigError("--config", f"{args.config} must hold a mapping of config fields")
         values.update(loaded)
-    if args.from_trial:
-        from objective import load_trial_config  # the runner layer; only imported when asked for
-
-        storage, study, number = args.from_trial
-        try:
-            values.update(load_trial_config(storage, study, int(number)))
-        except (ValueError, RuntimeError) as exc:  # the runner's StudyFileError / StorageError: bad input
-            raise ConfigError("--from-trial", str(exc)) from None
     for name in SUGAR:
         if getattr(args, "sugar_" + name) is not None:
             values[name] = getattr(args, "sugar_" + name)
@@ -158,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError) as exc:
         print(f"pcvit-train: error: {exc}", file=sys.stderr)
         return 2
-    print(f"device {resolve_device(config.device)} | {config.dataset} {len(data.train_images)} train images | "
+    device = resolve_device(config.device)
+    print(f"device {device} | {config.dataset} {len(data.train_images)} train images | "
           f"{config.num_blocks} blocks, hidden {config.hidden_size}, {config.num_heads} heads, "
-          f"{config.implementation} | torch {torch.__version__}", flush=True)
+           f"{config.implementation}, {resolve_precision(config.precision, device.type)} matmuls | "
+           f"torch {torch.__version__}", flush=True)
     baseline = None
     if args.baseline:
         baseline = raw_patch_baseline(data, config)

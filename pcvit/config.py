@@ -1,6 +1,6 @@
 """Every hyperparameter of a PC-ViT run, in one frozen dataclass.
 
-Field names are the original's (`../shared/docs/pcvit-algorithm.md` section 9), so that study files,
+Field names are the original's (its config files and W&B sweep parameters), so that study files,
 W&B sweeps and `--set KEY=VALUE` all speak the same words. Defaults are the original 12-block sweep's
 fixed values plus its base config; sampled parameters default to a value inside the sweep's range.
 `Config(...)` validates itself and names the bad field; derive variants with `dataclasses.replace`.
@@ -16,7 +16,7 @@ from typing import Any
 DATASETS = ("cifar10", "fashion-mnist", "synthetic")
 IMPLEMENTATIONS = ("plain", "parallel", "vjp")
 RESIDUALS = ("double", "single")
-PRECISIONS = ("float32", "tf32", "bf16")
+PRECISIONS = ("auto", "float32", "tf32", "bf16")  # auto: resolve_precision(), once the device is known
 BRANCH_SCALES = ("1", "1/sqrt(L)", "1/L")
 ENERGY_WEIGHTINGS = ("sum", "mean")
 PROBE_SOLVERS = ("adamw", "lbfgs")
@@ -39,7 +39,8 @@ class Config:
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * H
     patch_size: int = 4  # 32x32 CIFAR -> 8x8 = 64 patches of 48; 28x28 F-MNIST -> 49 of 16
     theta: float = 10000.0  # base of the fixed 2-D sinusoidal positional encoding
-    residual: str = "double"  # double: u = 2h + attn + mlp (the original); single: u = h + block(h)
+    residual: str = "double"  # double: u = h + Block(h) = 2h + attn + mlp (the original); single: u = Block(h) =
+    #                           h + attn + mlp (the pcx block alone, without the decoder's outer residual)
     use_vode_state_layernorm: bool = False  # LayerNorm on each state before it feeds the next layer
     use_noise: bool = True  # top latent starts as 0.01*N(0,1) (else zeros)
     residual_branch_scale: str = "1"  # a in u = r*h + z1 + a*mlp, z1 = h + a*attn: "1" (the original), "1/sqrt(L)",
@@ -49,7 +50,7 @@ class Config:
 
     # --- inference (state updates) -------------------------------------------------------------
     inference_steps: int = 20  # T, per training batch and per probe batch
-    eval_inference_steps: int = 20  # T of validation and reconstruction (fixed in the original)
+    eval_inference_steps: int = 20  # T of validation (fixed in the original, whatever inference_steps is)
     peak_lr_hidden: float = 0.095  # SGD lr of the states; see use_lr_schedule_h for its quirk
     hidden_momentum: float = 0.4  # SGD momentum of the states (no dampening, no Nesterov)
     h_grad_clip_norm: float = 2000.0  # ONE global norm over all states and the whole batch
@@ -91,6 +92,7 @@ class Config:
     reconstruction_every_n_epochs: int = 25
     save_reconstruction_images: bool = True
     divergence_check_every: int = 10  # batches between NaN/inf checks (one GPU sync each)
+    reconstruction_steps: int = 20  # T of the reconstruction image (the original's reconstruction_steps [20])
 
     # --- linear probe --------------------------------------------------------------------------
     linear_probe_every_n_epochs: int = 1  # 0 = never
@@ -116,9 +118,10 @@ class Config:
     reinitialize_model_for_each_epoch: bool = False
 
     # --- how to compute (same maths) -----------------------------------------------------------
-    implementation: str = "vjp"  # vjp: all blocks at once + hand-written state gradient (pcvit/fast.py);
+    implementation: str = "vjp"  # vjp: all blocks at once + hand-written state gradient (pcvit/energy_vjp.py);
     #                              parallel: all blocks at once, autograd; plain: block after block (reference)
-    precision: str = "float32"  # float32 | tf32 | bf16 matmuls (states and updates stay float32)
+    precision: str = "auto"  # auto = tf32 on CUDA (what the original's JAX ran there), float32 on the CPU;
+    #                          float32 | tf32 | bf16 matmuls (states and updates stay float32)
     device: str = "auto"  # auto = cuda if available, else cpu
     node_diagnostics: bool = True  # per-node energy, state RMS, top-latent movement each epoch (no extra passes)
 
@@ -164,6 +167,17 @@ class Config:
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """The matmul precision a run uses on a device of this type ("cuda", "cpu").
+
+    `auto` is the original's: it never set a precision, so on the A100/H100-class GPUs it ran on, JAX computed
+    float32 matrix products in TF32 (its default there); on the CPU, float32. TF32 exists on CUDA only.
+    """
+    if precision in ("auto", "tf32"):
+        return "tf32" if device_type == "cuda" else "float32"
+    return precision
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -232,6 +246,7 @@ def _validate(c: Config) -> None:
                  "batch_size", "train_subset", "test_subset", "validation_subset", "epochs",
                  "linear_probe_epochs", "linear_probe_batch_size", "divergence_check_every"):
         need(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}")
+    need(c.reconstruction_steps >= 1, "reconstruction_steps", f"must be >= 1, got {c.reconstruction_steps}")
     for name in ("peak_lr_hidden", "peak_lr_weights", "hidden_lr_inference", "h_grad_clip_norm", "w_grad_clip_norm",
                  "theta", "mlp_ratio", "inference_lr_scale_base", "linear_probe_lr", "vode_grad_norm_target"):
         need(getattr(c, name) > 0, name, f"must be > 0, got {getattr(c, name)}")

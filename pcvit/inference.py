@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .config import Config
-from .fast import VODE_GRAD_NORM_EPS, energy_and_state_grads, settle_states_inplace
+from .energy_vjp import VODE_GRAD_NORM_EPS, energy_and_state_grads, settle_states_inplace
 from .model import PCViT
 
 
@@ -72,7 +72,7 @@ def state_grads(model: PCViT, x: Tensor, states: States) -> tuple[Tensor, Tensor
     """Total energy and its gradient w.r.t. every state (not divided by the batch size).
 
     Autograd through the configured forward, or, for `implementation: vjp`, the hand-written
-    vector-Jacobian product of `fast.py` (same numbers, no graph)."""
+    vector-Jacobian product of `energy_vjp.py` (same numbers, no graph)."""
     if model.config.implementation == "vjp":
         return energy_and_state_grads(model, x, states.top, states.hidden)
     top = states.top.detach().requires_grad_(True)
@@ -102,7 +102,7 @@ def settle_states(model: PCViT, x: Tensor, states: States, steps: int, lr_at: Ca
 
     The input states are not modified. `before_step(t, states)` sees the states before update t
     (validation records its reconstruction there); `record` collects a StepRecord per step.
-    With `implementation: vjp` and no hooks, the same step runs in place (`fast.settle_states_inplace`).
+    With `implementation: vjp` and no hooks, the same step runs in place (`energy_vjp.settle_states_inplace`).
     """
     if model.config.implementation == "vjp" and before_step is None and record is None:
         return settle_states_inplace(model, x, states, steps, lr_at, momentum, clip_norm, scales)

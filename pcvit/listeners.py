@@ -51,7 +51,8 @@ class RunResult:
     best_probe_accuracy: float = 0.0  # running max over all probes; 0.0 when never probed (as the original)
     best_train_mse: float = math.inf
     final_train_mse: float = math.nan
-    best_val_mse: float = math.inf  # inf when never validated (as the original)
+    best_val_mse: float = math.inf  # the original's: first validation, then only gains > min_delta; inf if none
+    min_val_mse: float = math.inf  # the lowest validation MSE of the run; inf when never validated
     epochs_run: int = 0
     stop_reason: str = "completed"  # one of STOP_REASONS
     stop_detail: str = ""  # e.g. the listener's reason, or which quantity diverged
@@ -60,6 +61,7 @@ class RunResult:
     wall_time_s: float = 0.0
     device: str = "cpu"
     implementation: str = ""  # the config's, set by the run
+    precision: str = ""  # the matmul precision used: the config's, with auto resolved for the device
     probe_accuracies: list[float] = field(default_factory=list)
     probe_converged: bool = True  # False when any probe's head was trained too briefly to mean anything
     node_diagnostics: dict[str, Any] = field(default_factory=dict)  # the last epoch's (pcvit/diagnostics.py)

@@ -9,7 +9,7 @@ implementations of the same maths read them:
 * `parallel`: every block at once as batched matmuls over the depth axis, fused attention.
 
 Weight matrices are (in, out), applied as `y = x @ W + b`, the layout of the original and of
-`../shared/golden/` (a torch nn.Linear stores W.T).
+`tests/golden/data/` (a torch nn.Linear stores W.T).
 """
 
 from __future__ import annotations

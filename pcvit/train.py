@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, resolve_precision
 from .data import ImageData, load_data
 from .diagnostics import NODE_LISTS, NodeDiagnostics
 from .images import save_reconstruction_grid
@@ -45,9 +45,10 @@ class Run:
         self.listeners = list(listeners)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = data.device
+        self.precision = resolve_precision(config.precision, self.device.type)  # auto: tf32 on CUDA, as the original
         if self.device.type == "cuda":  # matmul precision is process-wide: set it for this run
-            torch.backends.cuda.matmul.allow_tf32 = config.precision == "tf32"
-            torch.backends.cudnn.allow_tf32 = config.precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
+            torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
         self.generator = torch.Generator().manual_seed(config.seed)  # weights, h0 noise, shuffling
         self.model = PCViT(config, data.channels, data.image_size, generator=self.generator).to(self.device)
         self.optim_w = make_weight_optimizer(self.model, config)
@@ -61,7 +62,8 @@ class Run:
         self.total_steps = config.epochs * self.batches_per_epoch  # the schedules' horizon
         self.global_step = 0
         self.epoch = 0  # completed epochs
-        self.result = RunResult(device=str(self.device), implementation=config.implementation)
+        self.result = RunResult(device=str(self.device), implementation=config.implementation,
+                                precision=self.precision)
         self.early_best: float | None = None
         self.early_counter = 0
         self.milestone_reached = False
@@ -122,10 +124,9 @@ class Run:
         return energy.detach(), clipped_mse(self.model.reconstruct(final.top), x)
 
     # --- evaluation -------------------------------------------------------------------------------
-    def settle_and_reconstruct(self, x: Tensor, slots: int) -> Tensor:
-        """Eval inference on the first `slots` state slots, written back (the original chains them), no weight
-        step; returns the reconstruction recorded before the last of the T updates."""
-        T = self.config.eval_inference_steps
+    def settle_and_reconstruct(self, x: Tensor, slots: int, T: int) -> Tensor:
+        """T steps of eval inference on the first `slots` state slots, written back (the original chains them), no
+        weight step; returns the reconstruction recorded before the last of the T updates."""
         seen: dict[str, Tensor] = {}
 
         def record(t: int, states: States) -> None:
@@ -144,7 +145,7 @@ class Run:
         mses, l1s, psnrs = [], [], []
         for start in range(0, len(images), B):
             x = self.data.normalise(images[start:start + B])
-            xhat = self.settle_and_reconstruct(x, len(x))
+            xhat = self.settle_and_reconstruct(x, len(x), self.config.eval_inference_steps)
             mse = clipped_mse(xhat, x)
             mses.append(mse)
             l1s.append((xhat.clamp(0, 1) - x.clamp(0, 1)).abs().mean())
@@ -155,7 +156,7 @@ class Run:
     def save_reconstruction(self, epoch: int) -> Path | None:
         """First test image repeated over the batch; leaves the states at that image's (as the original)."""
         x = self.data.normalise(self.data.test_images[:1]).expand(self.config.batch_size, -1, -1, -1)
-        xhat = self.settle_and_reconstruct(x.contiguous(), self.config.batch_size)
+        xhat = self.settle_and_reconstruct(x.contiguous(), self.config.batch_size, self.config.reconstruction_steps)
         if self.out_dir is None or not self.config.save_reconstruction_images:
             return None
         return save_reconstruction_grid(x[:1], x[:1], xhat[:1], self.out_dir / f"reconstruction_epoch{epoch:03d}.png")
@@ -173,6 +174,16 @@ class Run:
         else:
             self.early_counter += 1
         return self.early_counter >= c.early_stopping_patience
+
+    def track_val_mse(self, val_mse: float) -> None:
+        """min_val_mse: the lowest seen. best_val_mse: the original's, set by the first validation and then replaced
+        only by an improvement of more than early_stopping_min_delta, and only with early stopping on."""
+        r, c = self.result, self.config
+        r.min_val_mse = min(r.min_val_mse, val_mse)
+        if r.best_val_mse == math.inf and val_mse != math.inf:
+            r.best_val_mse = val_mse
+        elif c.use_early_stopping and val_mse < r.best_val_mse - c.early_stopping_min_delta:
+            r.best_val_mse = val_mse
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -246,7 +257,7 @@ class Run:
         last = epoch == c.epochs
         if (c.validation_every_n_epochs and epoch % c.validation_every_n_epochs == 0) or last or milestone:
             metrics.update(self.validate())
-            r.best_val_mse = min(r.best_val_mse, metrics["val_mse"])
+            self.track_val_mse(metrics["val_mse"])
         if c.linear_probe_every_n_epochs and epoch % c.linear_probe_every_n_epochs == 0:
             t_probe = time.perf_counter()
             fit = probe_accuracy(self.model, self.states, self.data, c)
@@ -315,6 +326,7 @@ class Run:
         for key, value in saved.items():
             setattr(self.result, key, float(value) if value in ("inf", "-inf", "nan") else value)
         self.result.device, self.result.implementation = str(self.device), self.config.implementation
+        self.result.precision = self.precision
 
 
 def train(config: Config, data: ImageData | None = None, listeners: Iterable[Listener] = (),

@@ -2,9 +2,7 @@
 
 `spec` declares and checks the study-file schema; `search` builds its sampler and pruner; `worker` runs
 trials against a storage; `wandb_import` turns W&B sweeps into study files; `report` answers a finished
-study's questions; `cli` is the `pcvit-study` command.
+study's questions; `cli` is the `pcvit-study` command; `launch` starts workers (`pcvit-launch`).
+
+Nothing is imported here: `pcvit-launch` must start without torch (importing it costs seconds per launcher).
 """
-
-from studies.spec import StudyFileError, StudySpec, load_spec
-
-__all__ = ["StudyFileError", "StudySpec", "load_spec"]

@@ -4,10 +4,12 @@
     pcvit-study import-wandb sweep_12block_comprehensive.yaml -o studies/pcvit-12block-wandb.yaml
     pcvit-study reap --storage URL --study-name NAME      # fail + re-queue trials whose worker died
     pcvit-study report --storage URL --study-name NAME [--format markdown|json] [--to-dashboard]
+    pcvit-study show-config --storage URL --study-name NAME 17 > trial17.yaml   # for pcvit-train --config
+    pcvit-study replay --storage URL --study-name NAME 17 [pcvit-train args]   # re-run trial 17 exactly
 
 Exit codes: 0 fine, 2 bad input (an invalid study file, a study or storage that does not exist, bad usage),
-with one line naming the file or argument. `reap` and `report` only read (`report --to-dashboard` writes the
-study's note): they never create a database.
+with one line naming the file or argument; replay: pcvit-train's. `reap`, `report`, `show-config` and `replay`
+only read (`report --to-dashboard` writes the study's note): they never create a database.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import os
 import sys
 
 import storage
-from studies.spec import StudyFileError, load_spec
+from studies.search import load_study_file
+from studies.spec import StudyFileError
 from studies.worker_args import positive_int
 
 
 def validate(path: str) -> int:
-    spec = load_spec(path)
+    spec = load_study_file(path)
     print(f"{path}: ok: study {spec.name!r}, {len(spec.space)} sampled parameters, {len(spec.fixed)} fixed, "
           f"{spec.n_trials} trials, sampler {spec.sampler['type']}, pruner {spec.pruner['type']}")
     return 0
@@ -65,6 +68,19 @@ def report(url: str, name: str, output_format: str, to_dashboard: bool) -> int:
     return 0
 
 
+def show_config(url: str, name: str, number: int) -> int:
+    from studies.replay import config_yaml
+
+    print(config_yaml(url, name, number), end="")
+    return 0
+
+
+def replay(url: str, name: str, number: int, train_args: list[str]) -> int:
+    from studies.replay import replay as replay_trial
+
+    return replay_trial(url, name, number, train_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pcvit-study", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
                            help="markdown for people (default), json for programs")
             p.add_argument("--to-dashboard", action="store_true",
                            help="also write the report into the study's note in optuna-dashboard")
+    for name, text in (("show-config", "print a trial's config as YAML for pcvit-train --config"),
+                       ("replay", "re-run a trial exactly with pcvit-train (further arguments go to pcvit-train)")):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("--storage", help=f"storage URL (default: ${storage.URL_ENV} or {storage.DEFAULT_URL})")
+        p.add_argument("--study-name", required=True)
+        p.add_argument("number", type=int, help="the trial's number")
+        if name == "replay":
+            p.add_argument("train_args", nargs=argparse.REMAINDER, help="pcvit-train arguments, e.g. --out DIR")
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
@@ -91,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import-wandb":
             return import_wandb(args.sweep, args.output, args.n_trials)
         url = storage.resolve_url(args.storage)
+        if args.command == "show-config":
+            return show_config(url, args.study_name, args.number)
+        if args.command == "replay":
+            return replay(url, args.study_name, args.number, args.train_args)
         if args.command == "reap":
             return reap(url, args.study_name)
         return report(url, args.study_name, args.format, args.to_dashboard)

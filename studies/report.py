@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from storage.recovery import is_retry
 from studies.report_stats import quartiles, rank_sum_p, spearman, spearman_p
-from studies.spec import StudySpec
+from studies.spec import StudySpec, param_value
 from studies.worker import SURPLUS
 
 MIN_PER_GROUP = 5
@@ -63,9 +63,7 @@ def trial_measure(trial: FrozenTrial, metric: str, maximize: bool) -> float | No
 
 
 def value_of(trial: FrozenTrial, name: str, param: dict) -> Any:
-    if param["type"] == "zero_or_log" and trial.params.get(f"{name}_is_zero"):
-        return 0.0
-    return trial.params.get(name)
+    return param_value(trial.params, name, param)
 
 
 def group_trials(trials: list[FrozenTrial], name: str, param: dict) -> list[tuple[str, list[FrozenTrial]]]:

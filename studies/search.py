@@ -11,7 +11,15 @@ import warnings
 
 import optuna
 
-from studies.spec import StudyFileError, StudySpec
+from studies.spec import StudyFileError, StudySpec, load_spec
+
+
+def load_study_file(path: str | os.PathLike) -> StudySpec:
+    """A study file as every command reads it, before any storage is touched: the schema and every config a trial
+    could get (`studies.spec`), then the sampler and pruner Optuna would build from it."""
+    spec = load_spec(path)
+    check_sampler_and_pruner(spec)
+    return spec
 
 
 def new_sampler_seed() -> int:

@@ -107,6 +107,17 @@ class StudySpec:
         """The config a trial runs with: fixed settings plus the sampled `values` (config field -> value)."""
         return {**self.fixed, **values}
 
+    def trial_config(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The config of a trial that has these Optuna params (the inverse of suggesting them)."""
+        return self.config_dict({name: param_value(params, name, p) for name, p in self.space.items()})
+
+
+def param_value(params: dict[str, Any], name: str, param: dict) -> Any:
+    """The value Optuna params give parameter `name`: for zero_or_log, 0 when its `<name>_is_zero` flag is set."""
+    if param["type"] == "zero_or_log" and params.get(f"{name}_is_zero"):
+        return 0.0
+    return params.get(name)
+
 
 def load_spec(path: str | pathlib.Path) -> StudySpec:
     path = pathlib.Path(path)
@@ -176,11 +187,7 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
     _check_questions(doc["questions"], space, fail)
     _check_configs(doc["fixed"], space, fail)
     _check_metric_is_measured(doc["metric"], doc["fixed"], space, fail)
-    spec = StudySpec(source, doc, text)
-    from studies.search import check_sampler_and_pruner  # search builds on this module
-
-    check_sampler_and_pruner(spec)
-    return spec
+    return StudySpec(source, doc, text)  # commands also build its sampler and pruner (studies.search.load_study_file)
 
 
 # --- pieces ----------------------------------------------------------------------------------------

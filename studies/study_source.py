@@ -13,7 +13,8 @@ import optuna
 
 import storage
 from storage.recovery import SPEC_ATTR
-from studies.spec import StudyFileError, StudySpec, load_spec, spec_from_document
+from studies.search import check_sampler_and_pruner, load_study_file
+from studies.spec import StudyFileError, StudySpec, spec_from_document
 
 PACKAGED = pathlib.Path(__file__).resolve().parent  # studies/*.yaml ship with the package
 
@@ -45,15 +46,16 @@ def stored_spec(url: str, name: str) -> StudySpec | None:
 def resolve_spec(url: str, name: str | None, study_file: str | None) -> StudySpec:
     """The study file to run (see the module docstring); StudyFileError says which --study-file to pass."""
     if study_file:
-        return load_spec(study_file)
+        return load_study_file(study_file)
     if not name:
         raise StudyFileError("give --study-name NAME or --study-file FILE")
     spec = stored_spec(url, name)
     if spec is not None:
+        check_sampler_and_pruner(spec)
         return spec
     packaged = packaged_file(name)
     if packaged is not None:
-        return load_spec(packaged)
+        return load_study_file(packaged)
     shipped = ", ".join(sorted(p.stem for p in PACKAGED.glob("*.yaml")))
     raise StudyFileError(f"study {name!r} in {storage.mask_password(url)} has no study file stored with it and "
                          f"no packaged studies/{name}.yaml exists (packaged: {shipped}): pass --study-file FILE, "

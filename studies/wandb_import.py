@@ -19,6 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from pcvit.config import ConfigError, coerce, field_names
+from studies.search import check_sampler_and_pruner
 from studies.spec import METRICS, NO_EFFECT, StudyFileError, validate
 
 LAUNCH_KEYS = ("program", "command", "project", "entity")
@@ -84,7 +85,7 @@ def import_sweep(sweep: Any, source: str, n_trials: int | None = None,
         "fixed": fixed,
         "space": space,
     }
-    validate(document, source)  # the same checks as any study file, before anything is written
+    check_sampler_and_pruner(validate(document, source))  # the checks of any study file, before anything is written
     return document
 
 

@@ -3,22 +3,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from pcvit.cli import main
+from tests.helpers import tiny_config_file
 
-TINY_ARGS = ["--dataset", "synthetic", "--num-blocks", "1", "--hidden-size", "16", "--num-heads", "2",
-             "--batch-size", "8", "--train-subset", "32", "--set", "test_subset=16", "--set", "validation_subset=8",
-             "--inference-steps", "2", "--set", "linear_probe_batch_size=16", "--device", "cpu", "--no-progress"]
+SMALLER = dict(num_blocks=1, train_subset=32, test_subset=16, validation_subset=8, inference_steps=2)
+
+
+def tiny_args(folder, **changes) -> list[str]:
+    return [*tiny_config_file(folder, **SMALLER, **changes), "--no-progress"]
 
 
 def test_train_writes_summary_with_the_documented_keys(tmp_path, capsys):
-    config = tmp_path / "run.yaml"
-    config.write_text("epochs: 2\nreconstruction_every_n_epochs: 1\n")
     summary = tmp_path / "s.json"
-    assert main(["--config", str(config), *TINY_ARGS, "--out", str(tmp_path / "out"),
+    assert main([*tiny_args(tmp_path, epochs=2, reconstruction_every_n_epochs=1), "--out", str(tmp_path / "out"),
                  "--summary-json", str(summary)]) == 0
     data = json.loads(summary.read_text())
     for key in ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run",
@@ -37,7 +37,7 @@ def test_train_writes_summary_with_the_documented_keys(tmp_path, capsys):
     (["--dataset", "imagenet"], "dataset"),
 ])
 def test_bad_input_exits_2_naming_the_key(args, needle, tmp_path, capsys):
-    assert main([*TINY_ARGS, *args, "--out", str(tmp_path)]) == 2
+    assert main([*tiny_args(tmp_path), *args, "--out", str(tmp_path)]) == 2
     assert needle in capsys.readouterr().err
 
 
@@ -46,10 +46,11 @@ def ignore_sigint() -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow
 def test_ctrl_c_and_sigterm_stop_cleanly_and_still_write_the_summary(tmp_path, sig):
     summary = tmp_path / "s.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pcvit.cli", *TINY_ARGS, "--epochs", "100000", "--set",
+    proc = subprocess.Popen([sys.executable, "-m", "pcvit.cli", *tiny_args(tmp_path), "--epochs", "100000", "--set",
                              "use_early_stopping=false", "--out", str(tmp_path), "--summary-json", str(summary)],
                             stdout=subprocess.PIPE, text=True, env=env, preexec_fn=ignore_sigint)
     try:

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from tests import pg
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -263,6 +263,7 @@ def compose_command(service: str, server: pg.LocalPostgres) -> list[str]:
     return [str(BIN / command[0]), *command[1:]]
 
 
+@pytest.mark.slow
 def test_password_reaches_clients_through_pgpassword_only(password_server, tmp_path):
     env = compose_env(password_server, "create-study", tmp_path)
     assert "PGPASSWORD" in service_env("dashboard", {"POSTGRES_PASSWORD": "x"})
@@ -275,6 +276,7 @@ def test_password_reaches_clients_through_pgpassword_only(password_server, tmp_p
     assert refused.returncode != 0 and "password" in refused.stderr
 
 
+@pytest.mark.slow
 def test_creator_and_dashboard_commands_run_as_written(password_server, tmp_path):
     env = compose_env(password_server, "create-study", tmp_path)
     creator = compose_command("create-study", password_server)

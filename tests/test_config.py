@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from pcvit import Config, ConfigError
-from pcvit.config import coerce
+from pcvit.config import coerce, resolve_precision
 
 
 def test_defaults_are_the_original_sweeps_fixed_values():
@@ -64,3 +64,15 @@ def test_config_is_frozen_and_round_trips():
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.hidden_size = 64  # type: ignore[misc]
     assert Config.from_dict(c.to_dict()) == c
+
+
+def test_precision_is_the_originals_tf32_on_cuda_and_float32_on_the_cpu():
+    assert Config().precision == "auto"
+    assert resolve_precision("auto", "cuda") == "tf32"  # JAX's default on the A100/H100-class GPUs it ran on
+    assert resolve_precision("auto", "cpu") == "float32"
+    assert resolve_precision("tf32", "cpu") == "float32"  # TF32 exists on CUDA only
+    for chosen in ("float32", "tf32", "bf16"):
+        assert resolve_precision(chosen, "cuda") == chosen
+    assert resolve_precision("float32", "cpu") == "float32" and resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ConfigError, match="precision"):
+        Config(precision="fp16")

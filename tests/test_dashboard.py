@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 import objective
-from tests.runner_helpers import one_thread, tiny_study, wait_for, worker_env  # noqa: F401
+from tests.helpers import tiny_study, wait_for, worker_env
 
 DASHBOARD = str(pathlib.Path(sys.executable).parent / "optuna-dashboard")
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 import objective
-from tests.runner_helpers import one_thread, tiny_study, wait_for, worker_env  # noqa: F401
+from tests.helpers import tiny_study, wait_for, worker_env
 from tests.test_dashboard import DASHBOARD, answers, free_port
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

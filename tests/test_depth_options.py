@@ -6,7 +6,6 @@ and the per-node diagnostics. The hand-written VJP is checked against autograd f
 
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +16,7 @@ from pcvit.inference import States, init_states, state_grads
 from pcvit.probe import extract_features, raw_patch_baseline
 from pcvit.train import Run
 
-from tests.core_helpers import random_images, random_states, tiny_config, tiny_model
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, random_images, random_states, tiny_config, tiny_model
 
 OPTIONS = list(itertools.product(["1", "1/sqrt(L)", "1/L"], ["sum", "mean"], ["double", "single"]))
 

@@ -3,7 +3,7 @@ import torch
 
 from pcvit.inference import layer_scales, settle_states, state_grads, StepRecord
 
-from tests.core_helpers import random_images, random_states, tiny_config, tiny_model
+from tests.helpers import random_images, random_states, tiny_config, tiny_model
 
 
 def test_layer_scaling_exponents_are_base_to_the_L_plus_1_minus_i():

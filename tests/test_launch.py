@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from studies import launch
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Prints its environment and arguments, then sleeps; on SIGTERM/SIGINT says so and exits with
 # 128 + the signal, as pcvit-worker does after failing its trial.
@@ -144,6 +144,7 @@ def start_launcher(tmp_path, fake_worker, *args: str) -> subprocess.Popen:
     [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT), (signal.SIGHUP, signal.SIGTERM)],
     ids=["TERM", "INT", "HUP-as-TERM"],
 )
+@pytest.mark.slow
 def test_signals_reach_every_worker(tmp_path, fake_worker, received, forwarded):
     proc = start_launcher(tmp_path, fake_worker, "--gpus", "0,1", "--", "--sleep", "60")
     proc.send_signal(received)
@@ -155,6 +156,7 @@ def test_signals_reach_every_worker(tmp_path, fake_worker, received, forwarded):
         assert log.read_text().count(f"got {forwarded.name}") == 1  # forwarded once, not twice
 
 
+@pytest.mark.slow
 def test_workers_that_ignore_the_signal_are_killed(tmp_path, fake_worker):
     proc = start_launcher(tmp_path, fake_worker, "--gpus", "0,1", "--kill-after", "0.5",
                           "--", "--sleep", "60", "--ignore-signals", "1")
@@ -183,6 +185,7 @@ def test_missing_worker_command_is_named(tmp_path, capsys):
     assert "/nonexistent/pcvit-worker" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_too_many_workers_for_postgres_start_none(tmp_path, fake_worker, postgres_server, capsys):
     url = postgres_server.url
     code = launch.main(launcher_args(tmp_path, fake_worker, "--cpu-workers", "40") + ["--", "--storage", url])
@@ -193,6 +196,7 @@ def test_too_many_workers_for_postgres_start_none(tmp_path, fake_worker, postgre
     assert launch.main(launcher_args(tmp_path, fake_worker, "--cpu-workers", "2") + ["--", "--storage", url]) == 0
 
 
+@pytest.mark.slow
 def test_default_worker_command_is_the_real_worker(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     assert launch.main(["--cpu-workers", "1", "--log-dir", str(tmp_path), "--", "--help"]) == 0

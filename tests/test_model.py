@@ -6,7 +6,7 @@ import torch
 from pcvit import Config, PCViT, patchify, positional_encoding, unpatchify
 from pcvit.inference import state_grads
 
-from tests.core_helpers import random_images, random_states, tiny_config, tiny_model
+from tests.helpers import random_images, random_states, tiny_config, tiny_model
 
 
 def test_weight_count_matches_the_spec_formula():

@@ -12,16 +12,19 @@ import optuna
 import PIL.Image
 import pytest
 import torch
+import yaml
 from optuna.trial import TrialState
 from optuna_dashboard import get_note
 
 import objective
 import storage
 from pcvit import Config, train
+from studies import cli
+from studies.replay import trial_config
 from studies.search import build_pruner
 from studies.spec import load_spec
 from studies.worker import run_worker
-from tests.runner_helpers import TINY_FIXED, one_thread, run_workers_to_the_end, tiny_study, worker_env  # noqa: F401
+from tests.helpers import TINY_SPACE, run_workers_to_the_end, tiny_study, worker_env
 
 OPTUNA_CLI = str(pathlib.Path(sys.executable).parent / "optuna")
 RECORD = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run", "stop_reason",
@@ -41,6 +44,7 @@ def load(url, name="tiny"):
     return optuna.load_study(study_name=name, storage=storage.open_storage(url))
 
 
+@pytest.mark.slow
 def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
     url, art = f"sqlite:///{tmp_path}/s.db", tmp_path / "art"
     study_file = tiny_study(tmp_path, n_trials=2)
@@ -78,14 +82,40 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
     assert not list(art.glob("checkpoint-*"))  # finished trials leave no checkpoint behind
     assert len({t.params["peak_lr_hidden"] for t in done}) == 2
 
-    # the budget is spent: a second worker leaves at once, and a trial replays exactly from the storage
+    # the budget is spent: a second worker leaves at once
     assert run_main(url, study_file, art) == 0 and len(load(url).trials) == 2
-    config = objective.load_trial_config(url, "tiny", 1)
+
+
+@pytest.mark.slow
+def test_a_trial_replays_exactly_from_the_storage(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_file = tiny_study(tmp_path, n_trials=2, space={
+        **TINY_SPACE, "intermediate_l1_coeff": {"type": "zero_or_log", "low": 1e-4, "high": 1e-2}})
+    study = optuna.create_study(study_name="tiny", storage=storage.open_storage(url), direction="maximize")
+    study.enqueue_trial({"intermediate_l1_coeff_is_zero": True})
+    study.enqueue_trial({"intermediate_l1_coeff_is_zero": False, "intermediate_l1_coeff": 3e-3})
+    assert run_main(url, study_file, tmp_path / "art") == 0
+    done = load(url).trials
+    assert trial_config(url, "tiny", 0)["intermediate_l1_coeff"] == 0.0
+    config = trial_config(url, "tiny", 1)
     assert config["peak_lr_hidden"] == done[1].params["peak_lr_hidden"] and config["seed"] == 10
+    assert config["intermediate_l1_coeff"] == 3e-3
     replay = train(Config.from_dict(config))
     assert [float(f"{a:.6g}") for a in replay.probe_accuracies] == list(done[1].intermediate_values.values())
 
+    # the same through the commands: show-config prints it for pcvit-train --config; replay runs it
+    capsys.readouterr()
+    assert cli.main(["show-config", "--storage", url, "--study-name", "tiny", "1"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == config
+    summary = tmp_path / "replay.json"
+    assert cli.main(["replay", "--storage", url, "--study-name", "tiny", "1", "--no-progress",
+                     "--out", str(tmp_path / "run"), "--summary-json", str(summary)]) == 0
+    assert json.loads(summary.read_text())["probe_accuracies"] == replay.probe_accuracies
+    assert cli.main(["show-config", "--storage", url, "--study-name", "tiny", "7"]) == 1
+    assert "has no trial 7" in capsys.readouterr().err
 
+
+@pytest.mark.slow
 def test_worker_joins_a_study_made_by_optuna_create_study(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     env = worker_env()
@@ -108,6 +138,7 @@ def test_worker_refuses_a_study_made_for_the_other_direction(tmp_path, capsys):
     assert "direction" in capsys.readouterr().err and load(url).user_attrs == {}
 
 
+@pytest.mark.slow
 def test_worker_with_a_different_study_file_refuses_with_a_diff_and_changes_nothing(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/s.db"
     assert run_main(url, tiny_study(tmp_path, n_trials=1), tmp_path / "art") == 0
@@ -120,6 +151,7 @@ def test_worker_with_a_different_study_file_refuses_with_a_diff_and_changes_noth
     assert len(after.trials) == len(before.trials) and after.user_attrs == before.user_attrs
 
 
+@pytest.mark.slow
 def test_pruner_stops_a_clearly_bad_trial_and_keeps_a_good_one(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     good, bad = {"linear_probe_lr": 0.1}, {"linear_probe_lr": 1e-7}
@@ -139,6 +171,7 @@ def test_pruner_stops_a_clearly_bad_trial_and_keeps_a_good_one(tmp_path):
     assert note.startswith("### Trial 2: pruned\n"), note
 
 
+@pytest.mark.slow
 def test_diverged_trial_is_pruned_with_its_reason_and_the_worker_goes_on(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     study_file = tiny_study(tmp_path, n_trials=2, fixed={"h_grad_clip_norm": 1e30},
@@ -214,10 +247,6 @@ def test_budget_check_after_ask_fails_surplus_trials(tmp_path):
     assert "surplus" in surplus.user_attrs["fail_reason"]
     study.ask = ask
     assert next_trial(study, spec) is None and len(study.trials) == 3  # the count now stops it before asking
-
-
-def test_tiny_study_fixed_settings_are_a_valid_config():
-    Config.from_dict(TINY_FIXED)
 
 
 def test_the_default_pruner_waits_three_probes_without_improvement():

@@ -4,7 +4,7 @@ import pytest
 
 from pcvit.optim import hidden_lr, lr_at, weight_lr
 
-from tests.core_helpers import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_schedule_warmup_then_cosine_to_the_floor():

@@ -13,7 +13,7 @@ import optuna
 import objective
 import storage
 from studies.study_source import resolve_spec
-from tests.runner_helpers import REPO, one_thread, tiny_study, worker_env  # noqa: F401
+from tests.helpers import REPO, tiny_study, worker_env
 
 BIN = pathlib.Path(sys.executable).parent
 

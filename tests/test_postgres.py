@@ -58,10 +58,12 @@ def test_is_postgres_url():
     assert not is_postgres_url(None)
 
 
+@pytest.mark.slow
 def test_budget_fits_a_few_workers_on_a_default_server(postgres_server):
     check_connection_budget(postgres_server.url, clients=4)
 
 
+@pytest.mark.slow
 def test_budget_counts_workers_times_pool_plus_dashboard(small_server):
     limit = SMALL_MAX_CONNECTIONS - 3
     assert PER_WORKER + DASHBOARD_CONNECTIONS <= limit < 2 * PER_WORKER + DASHBOARD_CONNECTIONS
@@ -78,6 +80,7 @@ def test_budget_counts_workers_times_pool_plus_dashboard(small_server):
         assert number in message
 
 
+@pytest.mark.slow
 def test_budget_subtracts_connections_already_open(small_server):
     engine = sqlalchemy.create_engine(small_server.url, poolclass=sqlalchemy.pool.NullPool)
     held = [engine.connect() for _ in range(3)]
@@ -132,6 +135,7 @@ def backend_pid(engine) -> int:
         return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
 
 
+@pytest.mark.slow
 def test_pre_ping_survives_a_server_restart(small_server):
     hardened = sqlalchemy.create_engine(small_server.url, **engine_kwargs())
     plain = sqlalchemy.create_engine(small_server.url, pool_pre_ping=False)
@@ -147,6 +151,7 @@ def test_pre_ping_survives_a_server_restart(small_server):
         plain.dispose()
 
 
+@pytest.mark.slow
 def test_optuna_storage_goes_on_after_a_server_restart(small_server):
     url = small_server.new_database("restart_study")
     storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs())
@@ -159,6 +164,7 @@ def test_optuna_storage_goes_on_after_a_server_restart(small_server):
     storage.engine.dispose()
 
 
+@pytest.mark.slow
 def test_test_server_restarts_on_its_port_with_its_data(small_server):
     """The fixture contract the runner tests lean on: stop/start/restart keep the URL and the data."""
     url = small_server.new_database("kept")

@@ -2,7 +2,7 @@ import torch
 
 from pcvit.probe import fit_linear_probe, standardise
 
-from tests.core_helpers import tiny_config
+from tests.helpers import tiny_config
 
 
 def blobs(n, dim, separation, seed):

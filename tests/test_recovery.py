@@ -13,17 +13,17 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import objective
 import storage
 from pcvit import Config, train
 from storage.recovery import OWNER, Heartbeat, fail_trial, requeue, retry_stale_trial
 from studies import cli
+from studies.replay import trial_config
 from studies.report import outcome_trials
 from studies.search import build_pruner, build_sampler
 from studies.spec import load_spec
 from studies.worker import join_study
-from tests.runner_helpers import (finish, one_thread, run_workers_to_the_end, running_trial_with_checkpoint,  # noqa: F401
-                                  start_worker, tiny_study, trials, wait_for)
+from tests.helpers import (finish, run_workers_to_the_end, running_trial_with_checkpoint, start_worker, tiny_study,
+                           trials, wait_for)
 
 LONG = {"epochs": 12, "use_early_stopping": False}  # ~0.3 s an epoch: long enough to be killed midway
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage", "ignore::optuna.exceptions.ExperimentalWarning")
@@ -81,7 +81,7 @@ def test_stopped_then_killed_worker_lose_nothing_and_the_trial_resumes_exactly(t
     assert_resumed(retry, killed, LONG["epochs"])
     assert not list(art.glob("checkpoint-*"))
     # resuming twice changed nothing: an uninterrupted run of the same trial reports the same accuracies
-    uninterrupted = train(Config.from_dict(objective.load_trial_config(url, "tiny", 2)))
+    uninterrupted = train(Config.from_dict(trial_config(url, "tiny", 2)))
     assert [float(f"{a:.6g}") for a in uninterrupted.probe_accuracies] == list(retry.intermediate_values.values())
 
 
@@ -92,6 +92,7 @@ def open_study(url, study_file):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.slow
 def test_heartbeat_reaps_a_silent_trial_of_another_machine_not_a_live_one(backend, tmp_path, request, capsys):
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path}/s.db"

@@ -18,7 +18,7 @@ from studies.report_stats import quartiles, rank_sum_p, spearman
 from studies.search import build_pruner, build_sampler
 from studies.spec import load_spec
 from studies.worker import join_study
-from tests.runner_helpers import tiny_study, worker_env
+from tests.helpers import tiny_study, worker_env
 
 SPACE = {
     "use_vode_state_layernorm": {"type": "categorical", "choices": [False, True]},

@@ -18,12 +18,6 @@ def test_url_comes_from_argument_then_environment_then_default(monkeypatch):
     assert resolve_url("journal:///x.journal") == "journal:///x.journal"
 
 
-def test_default_sqlite_folder_exists_in_the_repo():
-    from tests.runner_helpers import REPO
-
-    assert (REPO / "storage").is_dir()
-
-
 @pytest.mark.parametrize(("url", "words"), [
     ("sqlite:////no/such/folder/s.db", "the folder /no/such/folder/ does not exist"),
     ("journal:////no/such/folder/s.journal", "the folder /no/such/folder/ does not exist"),

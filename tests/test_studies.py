@@ -9,8 +9,9 @@ import yaml
 
 import objective
 from studies import cli
+from studies.search import check_sampler_and_pruner
 from studies.spec import NO_EFFECT, StudyFileError, load_spec, parse_spec, spec_diff
-from tests.runner_helpers import REPO, TINY_FIXED, TINY_SPACE
+from tests.helpers import REPO, TINY_FIXED, TINY_SPACE
 
 SHIPPED = sorted((REPO / "studies").glob("*.yaml"))
 
@@ -25,8 +26,9 @@ def document(**changes):
 
 
 def error_of(doc) -> str:
+    """The error of a bad study file, checked as the commands check it (schema, configs, sampler and pruner)."""
     with pytest.raises(StudyFileError) as info:
-        parse_spec(yaml.safe_dump(doc, sort_keys=False), "bad.yaml")
+        check_sampler_and_pruner(parse_spec(yaml.safe_dump(doc, sort_keys=False), "bad.yaml"))
     return str(info.value)
 
 

@@ -6,7 +6,7 @@ import torch
 from pcvit import Listener, Run, load_data, train
 from pcvit.config import IMPLEMENTATIONS
 
-from tests.core_helpers import tiny_config
+from tests.helpers import tiny_config
 
 
 def make_run(**changes) -> Run:
@@ -143,3 +143,44 @@ def test_outputs_written_to_out_dir(tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["reconstruction_epoch001.png", "reconstruction_epoch002.png"]
     assert result.image_paths == [str(tmp_path / p) for p in pngs]
+
+
+def test_the_run_records_its_matmul_precision_on_the_cpu():
+    assert make_run().precision == "float32" and make_run(precision="bf16").result.precision == "bf16"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision, tf32", [("auto", True), ("tf32", True), ("float32", False)])
+def test_a_cuda_run_sets_tf32_as_its_precision_says(precision, tf32):
+    run = make_run(device="cuda", precision=precision)
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    assert run.result.precision == ("tf32" if tf32 else "float32")
+
+
+@pytest.mark.parametrize("early_stopping, best", [(True, 0.3), (False, 0.5)])
+def test_best_val_mse_follows_the_originals_rule_and_min_val_mse_is_the_lowest(monkeypatch, early_stopping, best):
+    """Set by the first validation; replaced only by a gain above min_delta, only with early stopping on."""
+    run = make_run(epochs=4, validation_every_n_epochs=1, linear_probe_every_n_epochs=0,
+                   use_early_stopping=early_stopping, early_stopping_patience=100, early_stopping_min_delta=0.01)
+    values = iter([0.5, 0.495, 0.3, 0.2999])
+    monkeypatch.setattr(run, "validate", lambda: {"val_mse": next(values)})
+    result = run.run()
+    assert result.epochs_run == 4
+    assert (result.best_val_mse, result.min_val_mse) == (best, 0.2999)
+
+
+def test_best_val_mse_is_inf_when_never_validated():
+    result = train(tiny_config(epochs=5, validation_every_n_epochs=0), listeners=[StopAtFirstProbe()])
+    assert result.epochs_run == 1 and result.best_val_mse == math.inf == result.min_val_mse
+
+
+def test_the_reconstruction_image_runs_reconstruction_steps_and_validation_eval_inference_steps(monkeypatch):
+    run = make_run(eval_inference_steps=2, reconstruction_steps=5, inference_steps=3)
+    steps = []
+    settle = run.settle
+    monkeypatch.setattr(run, "settle", lambda x, states, T, **kw: steps.append(T) or settle(x, states, T, **kw))
+    run.validate()
+    assert set(steps) == {2}
+    steps.clear()
+    run.save_reconstruction(1)
+    assert steps == [5]

@@ -1,1 +1,1 @@
-"""Fidelity tests: the core reproduces the original JAX implementation's own numbers (`../shared/golden/`)."""
+"""Fidelity tests: the core reproduces the original JAX implementation's own numbers (`tests/golden/data/`)."""

@@ -1,4 +1,4 @@
-"""The one correspondence between the golden files (`../shared/golden/`, README sections 2-3) and the core.
+"""The one correspondence between the golden files (`tests/golden/data/`, README sections 2-3) and the core.
 
 The golden files store every linear map as an (in, out) matrix, one array per block; the core stores the
 same (in, out) matrices stacked over depth, so block l of a golden array is index l of a core parameter:
@@ -34,12 +34,10 @@ Hyper-parameters: golden `meta.json` uses the original's names, which are `Confi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import pytest
 import torch
 from torch import Tensor
 
@@ -48,7 +46,6 @@ from pcvit.data import NORMALISATION, ImageData
 from pcvit.inference import States
 from pcvit.model import PCViT
 
-REPO = Path(__file__).resolve().parents[2]
 
 # golden name inside block l (without "block{l}.") -> core parameter stacked over the L blocks
 BLOCK_PARAMS = {
@@ -68,16 +65,12 @@ STATE_LN_PARAMS = {"weight": "state_ln_w", "bias": "state_ln_b"}
 
 
 # --- the golden files --------------------------------------------------------------------------------
-def golden_dir() -> Path:
-    return Path(os.environ.get("PCVIT_GOLDEN_DIR") or REPO.parent / "shared" / "golden")
+GOLDEN_DIR = Path(__file__).resolve().parent / "data"  # numbers computed by running the original (README.md there)
 
 
 def load_case(name: str) -> tuple[Mapping[str, np.ndarray], dict[str, Any]]:
-    """(arrays, meta) of `<golden dir>/<name>.npz`; skips the test when the golden files are absent."""
-    path = golden_dir() / f"{name}.npz"
-    if not path.is_file():
-        pytest.skip(f"golden file {path} not found (set PCVIT_GOLDEN_DIR to the folder holding the golden .npz)")
-    with np.load(path) as z:  # no pickle needed
+    """(arrays, meta) of `tests/golden/data/<name>.npz`. A missing file is an error, never a skip."""
+    with np.load(GOLDEN_DIR / f"{name}.npz") as z:  # no pickle needed
         arrays = {k: z[k] for k in z.files}
     return arrays, json.loads(str(arrays["meta.json"]))
 

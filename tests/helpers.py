@@ -1,8 +1,11 @@
-"""Shared pieces of the runner tests: a tiny study file, and workers started as real processes.
+"""What the tests share: the repository root, the tiny configs, and tiny models, states, images and studies.
 
-The tiny study trains a 1-block, width-8 PC-ViT on 100 synthetic images: about a second per trial on
-one CPU thread. Workers run as `sys.executable objective.py ...` with one torch thread each, so several
-of them share two cores without thrashing.
+Two tiny configs, for two kinds of test:
+* `TINY` (core tests): 2 blocks of width 16 with 2 heads, so attention heads, depth stacking and every node
+  are exercised; a handful of synthetic images, on the CPU.
+* `TINY_FIXED` (runner tests): the `fixed` settings of a tiny study file, a 1-block, width-8 PC-ViT on 100
+  synthetic images: about a second per trial on one CPU thread. Workers run as `sys.executable objective.py
+  ...` with one torch thread each, so several of them share two cores without thrashing.
 """
 
 from __future__ import annotations
@@ -16,14 +19,60 @@ import time
 from typing import Any, Callable
 
 import optuna
-import pytest
+import torch
 import yaml
+
+from pcvit import Config, PCViT, States
+from pcvit.inference import init_states
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# --- the core ------------------------------------------------------------------------------------------
+TINY = dict(dataset="synthetic", num_blocks=2, hidden_size=16, num_heads=2, batch_size=8, train_subset=64,
+            test_subset=32, validation_subset=16, epochs=2, inference_steps=3, device="cpu",
+            linear_probe_batch_size=16)
+
+
+def tiny_config(**changes) -> Config:
+    return Config(**{**TINY, **changes})
+
+
+def tiny_model(config: Config, seed: int = 0, channels: int = 3, image_size: int = 32) -> PCViT:
+    """A model whose LayerNorm gains/biases are moved off 1/0, so a misplaced one shows."""
+    generator = torch.Generator().manual_seed(seed)
+    model = PCViT(config, channels, image_size, generator=generator)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def random_states(model: PCViT, batch: int, seed: int = 1, scale: float = 1.0) -> States:
+    """States with non-zero errors at every node: the INIT forward plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    states = init_states(model, batch, True, generator)
+    return States(states.top + 0.3 * scale * torch.randn(states.top.shape, generator=generator),
+                  states.hidden + 0.3 * scale * torch.randn(states.hidden.shape, generator=generator))
+
+
+def random_images(model: PCViT, batch: int, seed: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, model.channels, model.image_size, model.image_size, generator=generator)
+
+
+def tiny_config_file(folder: pathlib.Path, **changes) -> list[str]:
+    """`pcvit-train` arguments for the tiny config: ["--config", a YAML file of TINY + changes]."""
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    return ["--config", str(path)]
+
+
+# --- the runner ----------------------------------------------------------------------------------------
 TINY_FIXED = {
     "dataset": "synthetic", "num_blocks": 1, "hidden_size": 8, "batch_size": 50, "train_subset": 100,
     "test_subset": 50, "validation_subset": 50, "epochs": 3, "inference_steps": 2, "eval_inference_steps": 2,
+    "reconstruction_steps": 2,
     "validation_every_n_epochs": 3, "reconstruction_every_n_epochs": 3, "linear_probe_every_n_epochs": 1,
     "linear_probe_epochs": 2, "linear_probe_lr": 0.01, "linear_probe_batch_size": 50,
     "linear_probe_vode_indices": "0 1 2", "seed": 10, "device": "cpu",
@@ -112,14 +161,3 @@ def running_trial_with_checkpoint(url: str, name: str, min_epoch: int = 1) -> op
         if t.state == optuna.trial.TrialState.RUNNING and (t.user_attrs.get("checkpoint_epoch") or 0) >= min_epoch:
             return t
     return None
-
-
-@pytest.fixture
-def one_thread():
-    """In-process training on one torch thread: fast on two cores, deterministic for replay checks."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """Energy and state gradients by a hand-written vector-Jacobian product: no autograd graph.
 
 The third implementation of the PC-ViT maths, beside `plain` and `parallel` in model.py. An inference
-step needs only dE/dh, and dE/dh is local (design.md, "The model, and why it can be fast"):
+step needs only dE/dh, which is local (only a node and the node it predicts enter it):
 
     dE/dh_i = e_i + l1*sign(h_i) + 2*l2*h_i - (du_below/dh_i)^T e_below,      e_i = h_i - u_i
 
@@ -19,8 +19,8 @@ directly so that the (L, B, heads, N, N) scores never reach memory. Both are tor
 `torch.compile`. Weight gradients are not computed here: the one weight step per batch uses autograd.
 
 `state_step_` is a whole inference step (gradient, layer scaling, global clip, momentum, update) in place,
-one graph for `torch.compile`; `settle_states_inplace` runs T of them (a proposal for `inference.settle_states`,
-whose hooks it does not have).
+one graph for `torch.compile`; `settle_states_inplace` runs T of them. `inference.settle_states` runs it for
+`implementation: vjp` whenever no hook (`before_step`, `record`) is asked for, which it does not have.
 """
 
 from __future__ import annotations

@@ -1,0 +1,49 @@
+"""Re-run one trial of a study exactly: the file's fixed settings, the trial's params and its training seed.
+
+    pcvit-study show-config --storage URL --study-name NAME 17 > trial17.yaml
+    pcvit-train --config trial17.yaml --out runs/trial17
+    pcvit-study replay --storage URL --study-name NAME 17 --out runs/trial17    # both in one command
+
+The config comes from the study file stored with the study, so it is the one the trial ran with even when
+the file on disk has changed since.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pcvit.cli import main as train_main
+from pcvit.config import Config
+from storage import mask_password
+from studies.spec import StudyFileError
+from studies.worker import open_existing_study
+
+
+def trial_config(url: str, study_name: str, number: int) -> dict[str, Any]:
+    """Config values of trial `number`: fixed settings + its params + its training seed (user attr `seed`)."""
+    study, spec = open_existing_study(url, study_name)
+    found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not found:
+        raise StudyFileError(f"study {study_name!r} in {mask_password(url)} has no trial {number}")
+    values = spec.trial_config(found[0].params)
+    return {**values, "seed": found[0].user_attrs.get("seed", values.get("seed", Config.seed))}
+
+
+def config_yaml(url: str, study_name: str, number: int) -> str:
+    """`pcvit-train --config` YAML for trial `number`, headed by where it came from."""
+    values = trial_config(url, study_name, number)
+    return (f"# trial {number} of study {study_name!r} in {mask_password(url)}: its params, the study file's "
+            f"fixed settings and its training seed\n" + yaml.safe_dump(values, sort_keys=False))
+
+
+def replay(url: str, study_name: str, number: int, train_args: list[str]) -> int:
+    """Run `pcvit-train --config <trial's config> TRAIN_ARGS`; returns pcvit-train's exit code."""
+    text = config_yaml(url, study_name, number)
+    with tempfile.TemporaryDirectory(prefix=f"pcvit-trial{number}-") as folder:
+        config = Path(folder) / "trial.yaml"
+        config.write_text(text)
+        return train_main(["--config", str(config), *train_args])
