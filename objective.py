@@ -51,7 +51,7 @@ from studies.worker_args import parse_worker_args
 log = logging.getLogger("pcvit.objective")
 RESULT_ATTRS = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run",
                 "stop_reason", "stop_detail", "diverged", "divergence_epoch", "wall_time_s", "device",
-                "implementation", "probe_converged", "node_diagnostics")
+                "implementation", "precision", "min_val_mse", "probe_converged", "node_diagnostics")
 
 
 def suggest_config(trial: optuna.Trial | optuna.trial.FixedTrial, spec: StudySpec) -> dict[str, Any]:
@@ -188,7 +188,15 @@ def result_attrs(result: RunResult) -> dict[str, Any]:
     for key, value in summary.items():
         if isinstance(value, float) and math.isfinite(value):
             summary[key] = round(value, 1) if key.endswith("_s") else float(f"{value:.4g}")
+    summary["node_diagnostics"] = {k: _significant(v) for k, v in summary["node_diagnostics"].items()}
     return summary
+
+
+def _significant(value: Any) -> Any:
+    """4 significant digits, also inside lists (the per-node diagnostics)."""
+    if isinstance(value, list):
+        return [_significant(v) for v in value]
+    return float(f"{value:.4g}") if isinstance(value, float) and math.isfinite(value) else value
 
 
 def _note_trial(trial: optuna.Trial, result: RunResult) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ def shared_settings(args: argparse.Namespace) -> list[str]:
 
 
 def run_row(name: str, options: list[str], args: argparse.Namespace, baseline: bool) -> dict:
-    out = args.out / name.replace("/", "_").replace("(", "").replace(")", "").replace("+", "_")
+    out = args.out / re.sub(r"[^A-Za-z0-9_-]+", "_", name)
     command = [sys.executable, "-m", "pcvit.cli", *shared_settings(args), "--out", str(out),
                "--summary-json", str(out / "summary.json")]
     for option in options:
@@ -81,17 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-subset", type=int, default=1000, help="probe test images (and validation images)")
     p.add_argument("--inference-steps", type=int, default=20)
     p.add_argument("--rows", default=",".join(ROWS),
-                   help="comma-separated row names, a row may combine names with '+' (e.g. status_init+single)")
+                   help="comma-separated row names; a row may add names with '+' (status_init+single) and leave "
+                        "one out with '-' (best-single)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/ablation"))
     args = p.parse_args(argv)
     rows = []
     for name in args.rows.split(","):
-        options = []
-        for part in name.split("+"):
+        options: list[str] = []
+        for sign, part in re.findall(r"([+-]?)([^+-]+)", name):
             if part not in ROWS:
                 p.error(f"--rows: unknown row {part!r} (known: {', '.join(ROWS)})")
-            options += ROWS[part]
+            if sign == "-":  # leave that option out again: "best-single" is best with the double residual
+                options = [o for o in options if o not in ROWS[part]]
+            else:
+                options += ROWS[part]
         rows.append((name, options))
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda item: run_row(item[1][0], item[1][1], args, item[0] == 0), enumerate(rows)))

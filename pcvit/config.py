@@ -93,6 +93,7 @@ class Config:
     save_reconstruction_images: bool = True
     divergence_check_every: int = 10  # batches between NaN/inf checks (one GPU sync each)
     reconstruction_steps: int = 20  # T of the reconstruction image (the original's reconstruction_steps [20])
+    num_images: int = 1  # reconstruction image: the first n test images, tiled over the batch (the original: 1)
 
     # --- linear probe --------------------------------------------------------------------------
     linear_probe_every_n_epochs: int = 1  # 0 = never
@@ -247,6 +248,8 @@ def _validate(c: Config) -> None:
                  "linear_probe_epochs", "linear_probe_batch_size", "divergence_check_every"):
         need(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}")
     need(c.reconstruction_steps >= 1, "reconstruction_steps", f"must be >= 1, got {c.reconstruction_steps}")
+    need(1 <= c.num_images <= min(c.batch_size, c.test_subset), "num_images",
+         f"must be between 1 and min(batch_size, test_subset) = {min(c.batch_size, c.test_subset)}, got {c.num_images}")
     for name in ("peak_lr_hidden", "peak_lr_weights", "hidden_lr_inference", "h_grad_clip_norm", "w_grad_clip_norm",
                  "theta", "mlp_ratio", "inference_lr_scale_base", "linear_probe_lr", "vode_grad_norm_target"):
         need(getattr(c, name) > 0, name, f"must be > 0, got {getattr(c, name)}")

@@ -154,12 +154,16 @@ class Run:
         return {"val_mse": mean(mses), "val_l1": mean(l1s), "val_psnr": mean(psnrs)}
 
     def save_reconstruction(self, epoch: int) -> Path | None:
-        """First test image repeated over the batch; leaves the states at that image's (as the original)."""
-        x = self.data.normalise(self.data.test_images[:1]).expand(self.config.batch_size, -1, -1, -1)
-        xhat = self.settle_and_reconstruct(x.contiguous(), self.config.batch_size, self.config.reconstruction_steps)
-        if self.out_dir is None or not self.config.save_reconstruction_images:
+        """The first `num_images` test images tiled over the batch (the original: the first one, repeated); leaves
+        the states at theirs, as the original does. The grid shows one row per image."""
+        c = self.config
+        n = c.num_images
+        images = self.data.normalise(self.data.test_images[:n])  # (n, C, S, S)
+        x = images[torch.arange(c.batch_size, device=images.device) % n]  # slot i holds image i mod n
+        xhat = self.settle_and_reconstruct(x.contiguous(), c.batch_size, c.reconstruction_steps)
+        if self.out_dir is None or not c.save_reconstruction_images:
             return None
-        return save_reconstruction_grid(x[:1], x[:1], xhat[:1], self.out_dir / f"reconstruction_epoch{epoch:03d}.png")
+        return save_reconstruction_grid(x[:n], x[:n], xhat[:n], self.out_dir / f"reconstruction_epoch{epoch:03d}.png")
 
     # --- early stopping -----------------------------------------------------------------------------
     def early_stop(self, train_mse: float) -> bool:

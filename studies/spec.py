@@ -84,7 +84,6 @@ NO_EFFECT = {
     "linear_probe_use_gap": "probe features are always patch-averaged (global average pooling)",
     "config": "the original's base-config name; a study file lists every setting under `fixed`",
     "count": "the original's run_sweep.py never read it (W&B agents got --count); use n_trials",
-    "num_images": "one reconstruction grid is saved, as the original's num_images 1",
     "model_saving_metric": "weights are saved as Optuna artifacts (final weights, epoch checkpoints)",
     "save_model_train_mse_threshold": "weights are saved as Optuna artifacts; the 0.0008 MSE milestone "
                                       "still triggers validation and an image",

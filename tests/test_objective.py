@@ -29,7 +29,7 @@ from tests.helpers import TINY_SPACE, run_workers_to_the_end, tiny_study, worker
 OPTUNA_CLI = str(pathlib.Path(sys.executable).parent / "optuna")
 RECORD = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run", "stop_reason",
           "diverged", "wall_time_s", "device", "implementation", "versions", "seed", "sampler_seed", "worker",
-          "probe_converged", "node_diagnostics")
+          "precision", "min_val_mse", "probe_converged", "node_diagnostics")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pcvit import Listener, Run, load_data, train
-from pcvit.config import IMPLEMENTATIONS
+from pcvit.config import IMPLEMENTATIONS, ConfigError
 
 from tests.helpers import tiny_config
 
@@ -184,3 +184,19 @@ def test_the_reconstruction_image_runs_reconstruction_steps_and_validation_eval_
     steps.clear()
     run.save_reconstruction(1)
     assert steps == [5]
+
+
+def test_the_reconstruction_grid_has_one_row_per_image_and_the_batch_tiles_them(tmp_path):
+    import PIL.Image
+
+    run = Run(tiny_config(num_images=3), load_data(tiny_config()), out_dir=tmp_path)
+    seen = {}
+    original = run.settle_and_reconstruct
+    run.settle_and_reconstruct = lambda x, slots, steps: seen.setdefault("x", x) * 0 + original(x, slots, steps)
+    path = run.save_reconstruction(1)
+    images = run.data.normalise(run.data.test_images[:3])
+    assert torch.equal(seen["x"][4], images[1]) and torch.equal(seen["x"][6], images[0])  # slot i: image i mod 3
+    width, height = PIL.Image.open(path).size
+    assert height == 3 * 32 + 4 * 2 and width == 3 * 32 + 4 * 2  # three rows of three 32-pixel panels
+    with pytest.raises(ConfigError, match="num_images"):
+        tiny_config(num_images=9)  # more than the batch of 8

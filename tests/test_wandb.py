@@ -35,7 +35,7 @@ def test_original_sweep_imports_to_the_shipped_wandb_study(tmp_path, capsys):
     assert made.space["peak_lr_hidden"]["choices"] == [0.05, 0.07, 0.08, 0.085, 0.09, 0.095, 0.1, 0.11]
     notes = capsys.readouterr().err
     for name in ("corrupt_ratio", "use_lower_half_mask", "inference_clamp_alpha", "save_reconstruction_video",
-                 "video_fps", "linear_probe_concatenate_features", "linear_probe_use_gap", "config", "num_images",
+                 "video_fps", "linear_probe_concatenate_features", "linear_probe_use_gap", "config",
                  "model_saving_metric", "save_model_train_mse_threshold"):
         assert f"dropped parameters.{name}:" in notes, name
     assert "used count: 500 as n_trials" in notes and "pruner none" in notes
