@@ -7,10 +7,12 @@ so, and returns the metric. Along the way it uploads reconstruction grids, the p
 final weights as Optuna artifacts, and every `checkpoint_every_n_epochs` a checkpoint from which a
 retried trial resumes.
 
-A diverged trial (non-finite energy, MSE or states) ends PRUNED, with user attributes diverged/reason/
-epoch: divergence is a bad outcome of its parameters, like a pruned loser, and samplers that learn from
-pruned trials (TPE) then avoid the region; FAIL is kept for broken infrastructure (crash, OOM), which is
-what retries and `optuna trials` FAIL counts are about.
+A diverged trial (non-finite energy, MSE or states) keeps what it measured before it diverged, as the
+original's runs do: with a metric value (e.g. a probe before the NaN) it ends COMPLETE with that value, so
+the study's best can be a run that later diverged; with none it ends PRUNED. Either way the user
+attributes diverged/divergence_epoch/reason say so. Divergence is an outcome of the parameters, not a
+crash: FAIL is kept for broken infrastructure (crash, OOM), which is what retries and `optuna trials`
+FAIL counts are about.
 
     python objective.py --study-file studies/smoke.yaml                        # SQLite under storage/
     python objective.py --storage URL --study-name NAME --study-file FILE [--n-trials N]
@@ -148,11 +150,24 @@ def objective(trial: optuna.Trial, spec: StudySpec, store: Any, wandb_project: s
             torch.save(optuna_listener.run.model.state_dict(), weights)
             optuna_listener.upload(weights)
     optuna_listener.drop_checkpoint()  # finished: no retry will need it
-    if result.diverged:
-        raise optuna.TrialPruned(f"diverged in epoch {result.divergence_epoch}: {result.stop_detail}")
     if result.stop_detail == "pruned":
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
-    return float(getattr(result, spec.metric))
+    value = measured_value(result, spec.metric)
+    if value is None:
+        raise optuna.TrialPruned(f"diverged in epoch {result.divergence_epoch} before any {spec.metric}: "
+                                 f"{result.stop_detail}")
+    return value
+
+
+def measured_value(result: RunResult, metric: str) -> float | None:
+    """The trial's value of `metric`, or None when the run never measured it (diverged before the first probe,
+    or before any finite MSE). A diverged run keeps the best value it measured before the NaN."""
+    value = float(getattr(result, metric))
+    if not result.diverged:
+        return value
+    if metric == "best_probe_accuracy" and not result.probe_accuracies:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def record_result(trial: optuna.Trial, result: RunResult) -> None:
