@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -36,13 +37,16 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.artifacts.exceptions import ArtifactNotFound
 
 import storage
 from pcvit import Config, DatasetError, Listener, RunResult, load_data, train
-from storage import recovery, retry_db
+from storage import retry_db
+from storage.checkpoints import CheckpointFiles
+from studies import retries
 from studies.search import build_pruner, build_sampler, new_sampler_seed
+from studies.side_channels import Tolerant, best_effort
 from studies.spec import METRICS, StudyFileError, StudySpec, load_spec
+from studies.stopping import SignalGuard, StopOnSignal, WorkerStopped
 from studies.worker import join_study, open_existing_study, run_worker
 
 log = logging.getLogger("pcvit.objective")
@@ -68,17 +72,16 @@ def suggest_config(trial: optuna.Trial | optuna.trial.FixedTrial, spec: StudySpe
 
 
 class OptunaListener(Listener):
-    """Reports the metric, prunes, uploads images, and checkpoints the run for a retry to resume from."""
+    """Reports the metric, prunes, checkpoints the run for a retry to resume from, and uploads its artifacts
+    (images as they come; at the end the per-epoch metrics and the final weights)."""
 
-    def __init__(self, trial: optuna.Trial, spec: StudySpec, store: Any):
-        self.trial, self.spec, self.store = trial, spec, store
+    def __init__(self, trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles):
+        self.trial, self.spec, self.store, self.checkpoints = trial, spec, store, checkpoints
         self.report_key = METRICS[spec.metric]
-        self.reported = set(trial.storage.get_trial(trial._trial_id).intermediate_values)  # a retry's earlier
-        self.checkpoint_id = trial.user_attrs.get(recovery.CHECKPOINT_ID)
-        self.run = None
-
-    def on_start(self, run: Any) -> None:
-        self.run = run
+        frozen = trial.storage.get_trial(trial._trial_id)
+        self.reported = set(frozen.intermediate_values)  # a retry's earlier reports
+        self.lineage = retries.lineage(trial.study._study_id, frozen)
+        self.checkpoint = trial.user_attrs.get(retries.CHECKPOINT) or {}
 
     def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
         value = metrics.get(self.report_key)
@@ -95,61 +98,61 @@ class OptunaListener(Listener):
     def on_images(self, run: Any, epoch: int, path: Path) -> None:
         self.upload(path)
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
-        new_id = recovery.save_checkpoint(self.store, checkpoint)
-        retry_db(self.trial.set_user_attr, recovery.CHECKPOINT_ID, new_id)
-        retry_db(self.trial.set_user_attr, recovery.CHECKPOINT_EPOCH, epoch)
-        recovery.remove_checkpoint(self.store, self.checkpoint_id)  # only the latest is ever needed
-        self.checkpoint_id = new_id
+    def on_end(self, run: Any, result: RunResult) -> None:
+        if result.stop_reason == "interrupted":
+            return  # the retry resumes from the last checkpoint
+        if self.spec.checkpoint_every_n_epochs and not self.checkpoint.get("trained"):
+            # kept until the worker has stored the result: a retry after a kill records it, not retrains
+            self.save_checkpoint(run.checkpoint(), result.epochs_run, trained=True)
+        if run.out_dir is None:
+            return
+        metrics_path = run.out_dir / "metrics.jsonl"  # rewritten from the history: a resumed run's is complete
+        best_effort("writing metrics.jsonl", metrics_path.write_text,
+                    "".join(json.dumps({k: _finite_or_text(v) for k, v in h.items()}) + "\n" for h in result.history))
+        self.upload(metrics_path)
+        if not result.diverged:
+            weights = run.out_dir / "final_weights.pt"
+            if best_effort("saving the final weights", lambda: torch.save(run.model.state_dict(), weights) or True):
+                self.upload(weights)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], epoch: int, trained: bool = False) -> None:
+        """Write the checkpoint, point the trial at it in one write, then drop the older ones."""
+        new_id = best_effort(f"checkpoint of trial {self.trial.number} after epoch {epoch}",
+                             self.checkpoints.save, self.lineage, checkpoint)
+        if new_id is None:
+            return
+        self.checkpoint = {"id": new_id, "epoch": epoch, "trained": trained}
+        retry_db(self.trial.set_user_attr, retries.CHECKPOINT, self.checkpoint)
+        self.checkpoints.remove_lineage(self.lineage, keep=new_id)  # only the latest is ever needed
 
     def upload(self, path: Path) -> None:
         mimetype = {".png": "image/png", ".jsonl": "text/plain"}.get(path.suffix, "application/octet-stream")
-        retry_db(optuna.artifacts.upload_artifact, artifact_store=self.store, file_path=str(path),
-                 study_or_trial=self.trial, mimetype=mimetype)
-
-    def drop_checkpoint(self) -> None:
-        """The trial is over: forget its checkpoint (attribute first, so a crash in between restarts cleanly)."""
-        if self.checkpoint_id:
-            retry_db(self.trial.set_user_attr, recovery.CHECKPOINT_ID, None)
-            recovery.remove_checkpoint(self.store, self.checkpoint_id)
-            self.checkpoint_id = None
+        best_effort(f"upload of {path.name}", retry_db, optuna.artifacts.upload_artifact, artifact_store=self.store,
+                    file_path=str(path), study_or_trial=self.trial, mimetype=mimetype)
 
 
-def objective(trial: optuna.Trial, spec: StudySpec, store: Any, wandb_project: str | None = None) -> float:
+def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
+              wandb_project: str | None = None) -> float:
     """Sample a config, train it (resuming a retried trial from its checkpoint), record, prune or return."""
     values = suggest_config(trial, spec)
     seed = values.get("seed", trial.user_attrs.get("seed", secrets.randbelow(2**31)))  # the file's, or per trial
     config = Config.from_dict({**values, "seed": seed})
     trial.set_user_attr("seed", config.seed)
-    resume = None
-    if trial.user_attrs.get(recovery.CHECKPOINT_ID):
-        try:
-            resume = recovery.load_checkpoint(store, trial.user_attrs[recovery.CHECKPOINT_ID])
-            trial.set_user_attr("resumed_after_epoch", resume["epoch"])
-            log.info("trial %d resumes after epoch %d", trial.number, resume["epoch"])
-        except (OSError, ArtifactNotFound) as exc:
-            log.warning("trial %d: checkpoint unreadable (%s); starting from epoch 0", trial.number, exc)
-    listeners: list[Listener] = [optuna_listener := OptunaListener(trial, spec, store)]
+    resume = load_resume_point(trial, checkpoints)
+    listeners: list[Listener] = [OptunaListener(trial, spec, store, checkpoints), StopOnSignal()]
     if wandb_project:
         from studies.wandb_log import WandbListener
 
-        listeners.append(WandbListener(trial, wandb_project))
+        listeners.append(Tolerant(WandbListener(trial, wandb_project), "W&B"))
     with tempfile.TemporaryDirectory(prefix=f"pcvit-trial{trial.number}-") as out_dir:
         try:
             result = train(config, data=load_data(config), listeners=listeners, out_dir=out_dir, resume=resume)
         finally:
-            for listener in listeners[1:]:
+            for listener in listeners[2:]:
                 listener.close()  # W&B: marks the run failed if training did not return
-        record_result(trial, result)
-        metrics_path = Path(out_dir) / "metrics.jsonl"  # rewritten from the history: a resumed run's is complete
-        metrics_path.write_text("".join(json.dumps({k: _finite_or_text(v) for k, v in h.items()}) + "\n"
-                                        for h in result.history))
-        optuna_listener.upload(metrics_path)
-        if not result.diverged:
-            weights = Path(out_dir) / "final_weights.pt"
-            torch.save(optuna_listener.run.model.state_dict(), weights)
-            optuna_listener.upload(weights)
-    optuna_listener.drop_checkpoint()  # finished: no retry will need it
+    if result.stop_reason == "interrupted":
+        raise WorkerStopped(SignalGuard.installed_guard.signum if SignalGuard.installed_guard else signal.SIGTERM)
+    record_result(trial, result)
     if result.stop_detail == "pruned":
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
     value = measured_value(result, spec.metric)
@@ -157,6 +160,25 @@ def objective(trial: optuna.Trial, spec: StudySpec, store: Any, wandb_project: s
         raise optuna.TrialPruned(f"diverged in epoch {result.divergence_epoch} before any {spec.metric}: "
                                  f"{result.stop_detail}")
     return value
+
+
+def load_resume_point(trial: optuna.Trial, checkpoints: CheckpointFiles) -> dict[str, Any] | None:
+    """The checkpoint a retried trial goes on from (None: start afresh)."""
+    checkpoint = trial.user_attrs.get(retries.CHECKPOINT)
+    if not checkpoint:
+        return None
+    try:
+        resume = checkpoints.load(checkpoint["id"])
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("trial %d: checkpoint unreadable (%s); starting from epoch 0", trial.number, exc)
+        return None
+    trial.set_user_attr("resumed_after_epoch", resume["epoch"])
+    if checkpoint.get("trained"):
+        log.info("trial %d was trained by an earlier attempt; recording its result without training again",
+                 trial.number)
+    else:
+        log.info("trial %d resumes after epoch %d", trial.number, resume["epoch"])
+    return resume
 
 
 def measured_value(result: RunResult, metric: str) -> float | None:
@@ -236,23 +258,23 @@ def main(argv: list[str] | None = None) -> int:
         base = Config.from_dict(suggest_config(optuna.trial.FixedTrial(_first_values(spec)), spec))
         load_data(base)  # a missing dataset fails here, before the storage is touched (and stays cached)
         sampler_seed = new_sampler_seed()
-        db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period, recovery.retry_stale_trial,
-                                  check_budget=True)
+        db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period, check_budget=True)
         study = join_study(db, url, args.study_name or spec.name, spec, build_sampler(spec, sampler_seed),
                            build_pruner(spec))
     except (StudyFileError, storage.StorageError, DatasetError) as exc:
         print(f"pcvit-worker: error: {exc}", file=sys.stderr)
         return 2
     store = storage.artifact_store(args.artifact_dir)
+    checkpoints = CheckpointFiles(storage.artifact_folder(args.artifact_dir))
     log.info("worker joins study %r in %s (sampler seed %d)", study.study_name, storage.mask_password(url),
              sampler_seed)
 
     def run_objective(trial: optuna.Trial) -> float:
         if "sampler_seed" not in trial.user_attrs:  # a retry keeps the seed that sampled its params
             trial.set_user_attr("sampler_seed", sampler_seed)
-        return objective(trial, spec, store, args.wandb)
+        return objective(trial, spec, store, checkpoints, args.wandb)
 
-    return run_worker(study, spec, run_objective, args.n_trials)
+    return run_worker(study, spec, run_objective, args.n_trials, checkpoints)
 
 
 def _first_values(spec: StudySpec) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from storage.recovery import is_retry
+from studies.retries import is_retry
 from studies.spec import StudySpec
 from studies.worker import SURPLUS
 

@@ -53,7 +53,7 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
         assert t.value == max(t.intermediate_values.values()) == t.user_attrs["best_probe_accuracy"]
         assert set(RECORD) <= set(t.user_attrs) and t.user_attrs["epochs_run"] == 3
         assert {"torch", "optuna", "python", "code"} <= set(t.user_attrs["versions"])
-        assert t.user_attrs["seed"] == 10 and t.user_attrs["checkpoint_artifact_id"] is None
+        assert t.user_attrs["seed"] == 10 and t.user_attrs["checkpoint"]["trained"]
         names = {m.filename: m for m in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)}
         assert {"reconstruction_epoch003.png", "metrics.jsonl", "final_weights.pt"} <= set(names)
         lines = (art / names["metrics.jsonl"].artifact_id).read_text().splitlines()
