@@ -26,7 +26,7 @@ from typing import Any, Callable
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
-from storage.locks import file_lock
+from storage.locks import LOCK_SUFFIX, file_lock
 from storage.postgres import StorageError, check_connection_budget, engine_kwargs, is_postgres_url, mask_password
 
 DEFAULT_URL = "sqlite:///storage/pcvit.db"
@@ -122,7 +122,7 @@ def open_storage(
 def _schema_lock(url: str) -> contextlib.AbstractContextManager:
     """SQLite: one process at a time creates (or checks) the tables of a file; others: no lock needed."""
     if url.startswith("sqlite:///"):
-        return file_lock(url[len("sqlite:///"):] + ".lock")
+        return file_lock(url[len("sqlite:///"):] + LOCK_SUFFIX)
     return contextlib.nullcontext()
 
 

@@ -3,7 +3,7 @@
 Some check-then-write steps must not interleave between workers: creating the tables of a new SQLite file,
 attaching the study file to a new study, adding the single retry of a failed trial. Optuna offers no
 compare-and-set for them, so they run under this lock:
-* SQLite file and journal file (one machine): an `flock` on `<file>.lock` beside it;
+* SQLite file and journal file (one machine): an `flock` on `<file>.pcvit-lock` beside it;
 * PostgreSQL (many machines): a session advisory lock keyed by the name.
 The operating system (or the server, when the connection drops) releases the lock of a process that dies.
 """
@@ -15,6 +15,8 @@ import fcntl
 import hashlib
 import pathlib
 from typing import Any, Iterator
+
+LOCK_SUFFIX = ".pcvit-lock"  # not optuna's own ".lock" of the journal file
 
 
 @contextlib.contextmanager
@@ -33,7 +35,7 @@ def storage_lock(storage: Any, name: str) -> Iterator[None]:
     """Hold the lock `name` of an Optuna storage (SQLite, PostgreSQL or journal file) for the block.
 
     Storages it cannot lock (MySQL) run the block unlocked."""
-    backend = getattr(storage, "_backend", storage)  # optuna wraps RDBStorage in a cache
+    backend = rdb_or_journal(storage)
     engine = getattr(backend, "engine", None)
     if engine is not None and engine.dialect.name == "postgresql":
         with _advisory_lock(engine, name):
@@ -43,8 +45,15 @@ def storage_lock(storage: Any, name: str) -> Iterator[None]:
     if path is None:
         yield
         return
-    with file_lock(f"{path}.lock"):
+    with file_lock(f"{path}{LOCK_SUFFIX}"):
         yield
+
+
+def rdb_or_journal(storage: Any) -> Any:
+    """The RDBStorage or JournalStorage behind `storage` (Optuna wraps an RDBStorage in a cache)."""
+    from optuna.storages._cached_storage import _CachedStorage
+
+    return storage._backend if isinstance(storage, _CachedStorage) else storage
 
 
 def _lock_file(backend: Any, engine: Any) -> str | None:

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from storage.locks import rdb_or_journal
 from studies.owners import OWNER, owner_is_alive, owner_is_dead
 from studies.retries import fail_for_retry, repair_missing_retries, requeue
 
@@ -60,7 +61,7 @@ def heartbeats(study: optuna.Study) -> dict[int, Any]:
     import sqlalchemy
     from optuna.storages._rdb import models
 
-    engine = getattr(study._storage, "_backend", study._storage).engine
+    engine = rdb_or_journal(study._storage).engine
     trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
     query = (sqlalchemy.select(trials.c.trial_id, beats.c.heartbeat)
              .select_from(trials.outerjoin(beats, beats.c.trial_id == trials.c.trial_id))

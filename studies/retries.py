@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from storage.locks import storage_lock
+from storage.locks import rdb_or_journal, storage_lock
 
 log = logging.getLogger("pcvit.retries")
 
@@ -62,7 +62,7 @@ def fail_if_running(storage: Any, trial_id: int) -> bool:
 
     Optuna's `set_trial_state_values` reads then writes, and on SQLite (no row locks) two processes
     can both read RUNNING and both "win"; an UPDATE ... WHERE state = RUNNING cannot."""
-    backend = getattr(storage, "_backend", storage)
+    backend = rdb_or_journal(storage)
     engine = getattr(backend, "engine", None)
     if engine is None:  # journal: its log orders writes, and a later FAIL of a finished trial raises
         try:
