@@ -19,6 +19,7 @@ from pcvit import Config, train
 from studies.owners import OWNER
 from studies.reaper import Reaper, StalenessWatch
 from studies.retries import fail_for_retry, requeue
+from storage.checkpoints import CheckpointFiles
 from studies import cli
 from studies.report import outcome_trials
 from studies.search import build_pruner, build_sampler
@@ -122,6 +123,28 @@ def test_staleness_is_measured_only_while_the_database_answers():
     assert watch.stale({1: "beat-a", 2: "beat-c"}, now=105) == set()
     assert watch.stale({1: "beat-a", 2: "beat-c"}, now=111) == {1}
     assert watch.stale({1: "beat-a", 2: "beat-c"}, now=116) == {1, 2}
+
+
+def test_a_trained_trial_killed_before_its_result_was_stored_is_recorded_not_retrained(tmp_path, one_thread, caplog):
+    url, art = f"sqlite:///{tmp_path}/s.db", tmp_path / "art"
+    study_file = tiny_study(tmp_path, n_trials=1)
+    study, spec = open_study(url, study_file)
+    trial = study.ask()
+    files = CheckpointFiles(art)
+    value = objective.objective(trial, spec, storage.artifact_store(str(art)), files)  # trained; never told
+    trained = study._storage.get_trial(trial._trial_id)
+    assert trained.state == TrialState.RUNNING and trained.user_attrs["checkpoint"]["trained"]
+    assert files.ids() == [trained.user_attrs["checkpoint"]["id"]]  # kept until the result is stored
+    assert fail_for_retry(study, trained, "test: killed after training")
+    requeue(study, study._storage.get_trial(trial._trial_id), spec.max_retries, "test: killed after training")
+
+    with caplog.at_level("INFO", logger="pcvit.objective"):
+        assert objective.main(["--storage", url, "--study-file", str(study_file), "--artifact-dir", str(art)]) == 0
+    _, retry = study.get_trials()
+    assert retry.state == TrialState.COMPLETE and retry.value == value
+    assert retry.user_attrs["resumed_after_epoch"] == 3 and retry.intermediate_values == trained.intermediate_values
+    assert "recording its result without training again" in caplog.text
+    assert files.ids() == []
 
 
 def test_a_trial_is_retried_at_most_max_retries_times(tmp_path):
