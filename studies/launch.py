@@ -252,13 +252,14 @@ def wait_all(forwarder: Forwarder, kill_after: float, restarts: Restarts | None 
     """Wait for every started worker, reporting each exit and restarting the dead ones as `restarts` says;
     SIGKILL those alive kill_after s after a signal."""
     restarts = restarts or Restarts()
-    reported: set[int] = set()
+    reported: list[subprocess.Popen] = []  # the processes whose exit was handled (kept: ids get reused)
     killed = False
     while True:
+        alive = forwarder.alive()  # before the exits are read: a worker ending in between is still reported
         for worker in forwarder.workers:
             process = worker.process
-            if process is not None and process.poll() is not None and id(process) not in reported:
-                reported.add(id(process))
+            if process is not None and process.poll() is not None and not any(p is process for p in reported):
+                reported.append(process)
                 worker.exits.append(process.returncode)
                 restarts.budget_spent |= process.returncode == 0
                 print(f"pcvit-launch: worker {worker.name} finished: "
@@ -275,7 +276,8 @@ def wait_all(forwarder: Forwarder, kill_after: float, restarts: Restarts | None 
                 worker.restart_at = None
                 start(worker, restarts.command)
                 print(f"pcvit-launch: worker {worker.name} restarted: pid {worker.process.pid}", flush=True)
-        if not forwarder.alive() and all(w.restart_at is None for w in forwarder.workers):
+        pending = any(w.restart_at is not None for w in forwarder.workers)
+        if not alive and not pending and not forwarder.alive():  # the last check: one restarted just now
             return
         if not killed and time.monotonic() - forwarder.since > kill_after:
             for worker in forwarder.alive():
