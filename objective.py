@@ -258,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         base = Config.from_dict(suggest_config(optuna.trial.FixedTrial(_first_values(spec)), spec))
         load_data(base)  # a missing dataset fails here, before the storage is touched (and stays cached)
         sampler_seed = new_sampler_seed()
-        db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period, check_budget=True)
-        study = join_study(db, url, args.study_name or spec.name, spec, build_sampler(spec, sampler_seed),
-                           build_pruner(spec))
+        db = storage.wait_for_storage(url, spec.heartbeat_interval, spec.grace_period, check_budget=True)
+        study = retry_db(join_study, db, url, args.study_name or spec.name, spec, build_sampler(spec, sampler_seed),
+                         build_pruner(spec), patience_s=storage.STARTUP_PATIENCE_S)
     except (StudyFileError, storage.StorageError, DatasetError) as exc:
         print(f"pcvit-worker: error: {exc}", file=sys.stderr)
         return 2

@@ -27,7 +27,8 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
 from storage.locks import LOCK_SUFFIX, file_lock
-from storage.postgres import StorageError, check_connection_budget, engine_kwargs, is_postgres_url, mask_password
+from storage.postgres import (StorageError, StorageUnreachable, check_connection_budget, engine_kwargs, is_postgres_url,
+                              mask_password, storage_error)
 
 DEFAULT_URL = "sqlite:///storage/pcvit.db"
 DEFAULT_ARTIFACT_DIR = "storage/artifacts"
@@ -38,9 +39,8 @@ SCHEMA_RACE_ATTEMPTS = 5
 SQLITE_BUSY_TIMEOUT_S = 60  # workers, `reap` and the dashboard share one file: wait for its lock, do not fail
 
 __all__ = [
-    "ARTIFACT_DIR_ENV", "DEFAULT_ARTIFACT_DIR", "DEFAULT_URL", "StorageError", "URL_ENV", "artifact_folder",
-    "artifact_store",
-    "is_journal", "journal_path", "mask_password", "open_storage", "resolve_url", "retry_db",
+    "ARTIFACT_DIR_ENV", "DEFAULT_ARTIFACT_DIR", "DEFAULT_URL", "StorageError", "StorageUnreachable", "URL_ENV",
+    "artifact_folder", "artifact_store", "is_journal", "journal_path", "mask_password", "open_storage", "resolve_url", "retry_db", "wait_for_storage",
 ]
 
 
@@ -109,14 +109,12 @@ def open_storage(
             # Workers started together on an empty PostgreSQL database all create Optuna's tables; the
             # losers' CREATE fails with a duplicate. The tables exist then: try again.
             if "already exists" not in str(exc) and not isinstance(exc, sqlalchemy.exc.IntegrityError):
-                reason = getattr(exc, "orig", None) or exc
-                raise StorageError(f"{shown}: cannot open the storage: {str(reason).strip()}") from None
+                raise storage_error(f"{shown}: cannot open the storage", getattr(exc, "orig", None) or exc) from None
             if attempt == SCHEMA_RACE_ATTEMPTS:
                 raise StorageError(f"{shown}: cannot create Optuna's tables: {getattr(exc, 'orig', exc)}") from None
             time.sleep(0.2 + random.random())
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, RuntimeError) as exc:  # Runtime: old schema
-            reason = getattr(exc, "orig", None) or exc
-            raise StorageError(f"{shown}: cannot open the storage: {str(reason).strip()}") from None
+            raise storage_error(f"{shown}: cannot open the storage", getattr(exc, "orig", None) or exc) from None
 
 
 def _schema_lock(url: str) -> contextlib.AbstractContextManager:
@@ -136,6 +134,21 @@ def _need_folder(path: pathlib.Path, url: str) -> None:
 
 
 DB_PATIENCE_S = 600  # how long a worker keeps retrying through a database outage (a restart takes seconds)
+STARTUP_PATIENCE_S = 60  # how long a starting worker waits for a server that does not answer
+
+
+def wait_for_storage(url: str, *args: Any, patience_s: float = STARTUP_PATIENCE_S, **kwargs: Any) -> Any:
+    """`open_storage(url, ...)`, retried while the server does not answer (a restart, a compose start-up);
+    after `patience_s` the StorageUnreachable goes to the caller. Every other StorageError at once."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return open_storage(url, *args, **kwargs)
+        except StorageUnreachable as exc:
+            if time.monotonic() + 2 > deadline:
+                raise
+            log.warning("%s; retrying in 2 s", exc)
+            time.sleep(2)
 
 
 def retry_db(call: Callable[..., Any], *args: Any, patience_s: float = DB_PATIENCE_S, **kwargs: Any) -> Any:

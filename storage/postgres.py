@@ -20,6 +20,20 @@ class StorageError(RuntimeError):
     """The storage cannot serve the planned workers; the message names the URL and the numbers."""
 
 
+class StorageUnreachable(StorageError):
+    """The database server did not answer (refused, timed out, restarting): it may be back in a moment."""
+
+
+_UNREACHABLE = ("connection refused", "could not connect", "timeout expired", "starting up", "shutting down",
+                "server closed the connection", "terminating connection", "no route to host")
+
+
+def storage_error(message: str, reason: object) -> StorageError:
+    """StorageUnreachable when `reason` says the server did not answer, else StorageError."""
+    kind = StorageUnreachable if any(words in str(reason).lower() for words in _UNREACHABLE) else StorageError
+    return kind(f"{message}: {str(reason).strip()}")
+
+
 def is_postgres_url(url: str | None) -> bool:
     return bool(url) and url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
 
@@ -86,7 +100,7 @@ def check_connection_budget(
                 "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
             ).scalar_one())
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        raise StorageError(f"cannot read the connection limits of {masked}: {exc.orig or exc}") from exc
+        raise storage_error(f"cannot read the connection limits of {masked}", exc.orig or exc) from exc
     finally:
         engine.dispose()
 
