@@ -10,8 +10,8 @@ is refused mid-study.
 
 from __future__ import annotations
 
-POOL_SIZE = 2  # a worker's main thread + its heartbeat thread each hold one connection at peak
-MAX_OVERFLOW = 1  # one spare, for a third thread (e.g. Optuna's own heartbeat beside ours) or an overlap
+POOL_SIZE = 2  # a worker's main thread + its heartbeat/reaper thread each hold one connection at peak
+MAX_OVERFLOW = 1  # one spare: the advisory lock (storage.locks) held while a retry is added
 PER_WORKER = POOL_SIZE + MAX_OVERFLOW  # the most connections one worker process can open
 DASHBOARD_CONNECTIONS = 5  # optuna-dashboard keeps SQLAlchemy's default pool (pool_size 5)
 
