@@ -43,7 +43,7 @@ from pcvit import Config, DatasetError, Listener, RunResult, load_data, train
 from storage import retry_db
 from storage.checkpoints import CheckpointFiles
 from studies import retries
-from studies.search import build_pruner, build_sampler, new_sampler_seed
+from studies.search import build_pruner, build_sampler, new_sampler_seed, representative_params, suggest_config
 from studies.side_channels import Tolerant, best_effort
 from studies.spec import METRICS, StudyFileError, StudySpec, load_spec
 from studies.stopping import SignalGuard, StopOnSignal, WorkerStopped
@@ -55,20 +55,92 @@ RESULT_ATTRS = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "bes
                 "implementation")
 
 
-def suggest_config(trial: optuna.Trial | optuna.trial.FixedTrial, spec: StudySpec) -> dict[str, Any]:
-    """The config values of one trial: fixed settings plus one suggestion per `space` parameter."""
-    values = {}
-    for name, p in spec.space.items():
-        if p["type"] == "categorical":
-            values[name] = trial.suggest_categorical(name, p["choices"])
-        elif p["type"] == "zero_or_log":  # 0 has probability 1/2; otherwise log-uniform in [low, high]
-            zero = trial.suggest_categorical(f"{name}_is_zero", [True, False])
-            values[name] = 0.0 if zero else trial.suggest_float(name, p["low"], p["high"], log=True)
-        elif p["type"] == "int":
-            values[name] = trial.suggest_int(name, p["low"], p["high"], step=p.get("step", 1), log=p.get("log", False))
-        else:
-            values[name] = trial.suggest_float(name, p["low"], p["high"], step=p.get("step"), log=p.get("log", False))
-    return spec.config_dict(values)
+def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
+              wandb_project: str | None = None) -> float:
+    """Suggest a config, train it (a retry goes on from its checkpoint), report and prune, return the metric."""
+    config = trial_config(trial, spec)
+    resume = load_resume_point(trial, checkpoints)
+    listeners = trial_listeners(trial, spec, store, checkpoints, wandb_project)  # report/prune, checkpoints, artifacts
+
+    with tempfile.TemporaryDirectory(prefix=f"pcvit-trial{trial.number}-") as out_dir:
+        try:
+            result = train(config, data=load_data(config), listeners=listeners, out_dir=out_dir, resume=resume)
+        finally:
+            for listener in listeners:
+                getattr(listener, "close", lambda: None)()  # W&B: marks the run failed if training did not return
+
+    if result.stop_reason == "interrupted":  # a signal: the worker re-queues the trial
+        raise WorkerStopped(SignalGuard.installed_guard.signum if SignalGuard.installed_guard else signal.SIGTERM)
+    record_result(trial, result)
+    if result.stop_detail == "pruned":
+        raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
+    value = measured_value(result, spec.metric)
+    if value is None:
+        raise optuna.TrialPruned(f"diverged in epoch {result.divergence_epoch} before any {spec.metric}: "
+                                 f"{result.stop_detail}")
+    return value
+
+
+def trial_config(trial: optuna.Trial, spec: StudySpec) -> Config:
+    """The trial's config: the file's fixed settings, one suggestion per `space` parameter, and a training
+    seed (the file's, else drawn once per trial and kept by its retries), recorded as a user attribute."""
+    values = suggest_config(trial, spec)
+    config = Config.from_dict({**values, "seed": values.get("seed", trial.user_attrs.get("seed",
+                                                                                        secrets.randbelow(2**31)))})
+    trial.set_user_attr("seed", config.seed)
+    return config
+
+
+def trial_listeners(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
+                    wandb_project: str | None) -> list[Listener]:
+    """Optuna (reports, pruning, checkpoints, artifacts), the worker's stop signal, and W&B if asked for."""
+    listeners: list[Listener] = [OptunaListener(trial, spec, store, checkpoints), StopOnSignal()]
+    if wandb_project:
+        from studies.wandb_log import WandbListener
+
+        listeners.append(Tolerant(WandbListener(trial, wandb_project), "W&B"))  # W&B failures only warn
+    return listeners
+
+
+def load_resume_point(trial: optuna.Trial, checkpoints: CheckpointFiles) -> dict[str, Any] | None:
+    """The checkpoint a retried trial goes on from (None: start afresh)."""
+    checkpoint = trial.user_attrs.get(retries.CHECKPOINT)
+    if not checkpoint:
+        return None
+    try:
+        resume = checkpoints.load(checkpoint["id"])
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("trial %d: checkpoint unreadable (%s); starting from epoch 0", trial.number, exc)
+        return None
+    trial.set_user_attr("resumed_after_epoch", resume["epoch"])
+    if checkpoint.get("trained"):
+        log.info("trial %d was trained by an earlier attempt; recording its result without training again",
+                 trial.number)
+    else:
+        log.info("trial %d resumes after epoch %d", trial.number, resume["epoch"])
+    return resume
+
+
+def measured_value(result: RunResult, metric: str) -> float | None:
+    """The trial's value of `metric`, or None when the run never measured it (diverged before the first probe,
+    or before any finite MSE). A diverged run keeps the best value it measured before the NaN."""
+    value = float(getattr(result, metric))
+    if not result.diverged:
+        return value
+    if metric == "best_probe_accuracy" and not result.probe_accuracies:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def record_result(trial: optuna.Trial, result: RunResult) -> None:
+    """The per-trial record: the run's summary, divergence, and the versions that produced it."""
+    summary = result.to_dict()  # non-finite numbers as "inf"/"nan" strings: JSON (and the dashboard) can read them
+    for key in RESULT_ATTRS:
+        retry_db(trial.set_user_attr, key, summary[key])
+    if result.diverged:
+        retry_db(trial.set_user_attr, "reason", result.stop_detail)
+        retry_db(trial.set_user_attr, "epoch", result.divergence_epoch)
+    retry_db(trial.set_user_attr, "versions", package_versions())
 
 
 class OptunaListener(Listener):
@@ -131,78 +203,6 @@ class OptunaListener(Listener):
                     file_path=str(path), study_or_trial=self.trial, mimetype=mimetype)
 
 
-def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
-              wandb_project: str | None = None) -> float:
-    """Sample a config, train it (resuming a retried trial from its checkpoint), record, prune or return."""
-    values = suggest_config(trial, spec)
-    seed = values.get("seed", trial.user_attrs.get("seed", secrets.randbelow(2**31)))  # the file's, or per trial
-    config = Config.from_dict({**values, "seed": seed})
-    trial.set_user_attr("seed", config.seed)
-    resume = load_resume_point(trial, checkpoints)
-    listeners: list[Listener] = [OptunaListener(trial, spec, store, checkpoints), StopOnSignal()]
-    if wandb_project:
-        from studies.wandb_log import WandbListener
-
-        listeners.append(Tolerant(WandbListener(trial, wandb_project), "W&B"))
-    with tempfile.TemporaryDirectory(prefix=f"pcvit-trial{trial.number}-") as out_dir:
-        try:
-            result = train(config, data=load_data(config), listeners=listeners, out_dir=out_dir, resume=resume)
-        finally:
-            for listener in listeners[2:]:
-                listener.close()  # W&B: marks the run failed if training did not return
-    if result.stop_reason == "interrupted":
-        raise WorkerStopped(SignalGuard.installed_guard.signum if SignalGuard.installed_guard else signal.SIGTERM)
-    record_result(trial, result)
-    if result.stop_detail == "pruned":
-        raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
-    value = measured_value(result, spec.metric)
-    if value is None:
-        raise optuna.TrialPruned(f"diverged in epoch {result.divergence_epoch} before any {spec.metric}: "
-                                 f"{result.stop_detail}")
-    return value
-
-
-def load_resume_point(trial: optuna.Trial, checkpoints: CheckpointFiles) -> dict[str, Any] | None:
-    """The checkpoint a retried trial goes on from (None: start afresh)."""
-    checkpoint = trial.user_attrs.get(retries.CHECKPOINT)
-    if not checkpoint:
-        return None
-    try:
-        resume = checkpoints.load(checkpoint["id"])
-    except (OSError, ValueError, RuntimeError) as exc:
-        log.warning("trial %d: checkpoint unreadable (%s); starting from epoch 0", trial.number, exc)
-        return None
-    trial.set_user_attr("resumed_after_epoch", resume["epoch"])
-    if checkpoint.get("trained"):
-        log.info("trial %d was trained by an earlier attempt; recording its result without training again",
-                 trial.number)
-    else:
-        log.info("trial %d resumes after epoch %d", trial.number, resume["epoch"])
-    return resume
-
-
-def measured_value(result: RunResult, metric: str) -> float | None:
-    """The trial's value of `metric`, or None when the run never measured it (diverged before the first probe,
-    or before any finite MSE). A diverged run keeps the best value it measured before the NaN."""
-    value = float(getattr(result, metric))
-    if not result.diverged:
-        return value
-    if metric == "best_probe_accuracy" and not result.probe_accuracies:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def record_result(trial: optuna.Trial, result: RunResult) -> None:
-    """The per-trial record: the run's summary, divergence, and the versions that produced it."""
-    summary = result.to_dict()  # non-finite numbers as "inf"/"nan" strings: JSON (and the dashboard) can read them
-    for key in RESULT_ATTRS:
-        retry_db(trial.set_user_attr, key, summary[key])
-    if result.diverged:
-        retry_db(trial.set_user_attr, "reason", result.stop_detail)
-        retry_db(trial.set_user_attr, "epoch", result.divergence_epoch)
-    retry_db(trial.set_user_attr, "versions", package_versions())
-
-
 def _finite_or_text(value: Any) -> Any:
     return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     url = storage.resolve_url(args.storage)
     try:
         spec = load_spec(args.study_file)
-        base = Config.from_dict(suggest_config(optuna.trial.FixedTrial(_first_values(spec)), spec))
+        base = Config.from_dict(suggest_config(optuna.trial.FixedTrial(representative_params(spec)), spec))
         load_data(base)  # a missing dataset fails here, before the storage is touched (and stays cached)
         sampler_seed = new_sampler_seed()
         db = storage.wait_for_storage(url, spec.heartbeat_interval, spec.grace_period, check_budget=True)
@@ -275,19 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         return objective(trial, spec, store, checkpoints, args.wandb)
 
     return run_worker(study, spec, run_objective, args.n_trials, checkpoints)
-
-
-def _first_values(spec: StudySpec) -> dict[str, Any]:
-    """Params of a representative trial (each parameter at its low end) for the start-up data check."""
-    params: dict[str, Any] = {}
-    for name, p in spec.space.items():
-        if p["type"] == "categorical":
-            params[name] = p["choices"][0]
-        elif p["type"] == "zero_or_log":
-            params[f"{name}_is_zero"] = True
-        else:
-            params[name] = p["low"]
-    return params
 
 
 if __name__ == "__main__":
