@@ -32,3 +32,10 @@ def test_importing_pcvit_loads_none_of_them():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PCVIT.parent)
     assert out.stdout.strip() == "[]"
+
+
+def test_storage_knows_no_trials():
+    """storage/ is where data lives; logic that knows trials and studies (reaping, retries) is the runner's."""
+    for path in (PCVIT.parent / "storage").rglob("*.py"):
+        leaked = imported_top_level_names(path) & {"studies", "objective", "pcvit"}
+        assert not leaked, f"storage/{path.name} imports {sorted(leaked)}"
