@@ -87,7 +87,7 @@ def trial_config(trial: optuna.Trial, spec: StudySpec) -> Config:
     values = suggest_config(trial, spec)
     config = Config.from_dict({**values, "seed": values.get("seed", trial.user_attrs.get("seed",
                                                                                         secrets.randbelow(2**31)))})
-    trial.set_user_attr("seed", config.seed)
+    retry_db(trial.set_user_attr, "seed", config.seed)
     return config
 
 
@@ -112,7 +112,7 @@ def load_resume_point(trial: optuna.Trial, checkpoints: CheckpointFiles) -> dict
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("trial %d: checkpoint unreadable (%s); starting from epoch 0", trial.number, exc)
         return None
-    trial.set_user_attr("resumed_after_epoch", resume["epoch"])
+    retry_db(trial.set_user_attr, "resumed_after_epoch", resume["epoch"])
     if checkpoint.get("trained"):
         log.info("trial %d was trained by an earlier attempt; recording its result without training again",
                  trial.number)
@@ -150,7 +150,7 @@ class OptunaListener(Listener):
     def __init__(self, trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles):
         self.trial, self.spec, self.store, self.checkpoints = trial, spec, store, checkpoints
         self.report_key = METRICS[spec.metric]
-        frozen = trial.storage.get_trial(trial._trial_id)
+        frozen = retry_db(trial.storage.get_trial, trial._trial_id)
         self.reported = set(frozen.intermediate_values)  # a retry's earlier reports
         self.lineage = retries.lineage(trial.study._study_id, frozen)
         self.checkpoint = trial.user_attrs.get(retries.CHECKPOINT) or {}
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_objective(trial: optuna.Trial) -> float:
         if "sampler_seed" not in trial.user_attrs:  # a retry keeps the seed that sampled its params
-            trial.set_user_attr("sampler_seed", sampler_seed)
+            retry_db(trial.set_user_attr, "sampler_seed", sampler_seed)
         return objective(trial, spec, store, checkpoints, args.wandb)
 
     return run_worker(study, spec, run_objective, args.n_trials, checkpoints)

@@ -8,8 +8,9 @@ URL forms (the same as Optuna's where Optuna has one):
 * `postgresql+psycopg2://user@host:5432/db` (password from `PGPASSWORD` or `~/.pgpass`, never the repo):
   many workers on many machines.
 The URL comes from the command line, else `OPTUNA_STORAGE` (what Optuna's own CLI reads), else the default.
-Artifacts (images, metrics, weights; checkpoints, see `storage.checkpoints`) go to a file-system store: `--artifact-dir`, else
-`PCVIT_ARTIFACT_DIR`, else `storage/artifacts`; point `optuna-dashboard --artifact-dir` at the same folder.
+Artifacts (images, metrics, weights; checkpoints, see `storage.checkpoints`) go to a file-system store:
+`--artifact-dir`, else `PCVIT_ARTIFACT_DIR`, else `storage/artifacts`; point `optuna-dashboard --artifact-dir`
+at the same folder.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ SQLITE_BUSY_TIMEOUT_S = 60  # workers, `reap` and the dashboard share one file: 
 
 __all__ = [
     "ARTIFACT_DIR_ENV", "DEFAULT_ARTIFACT_DIR", "DEFAULT_URL", "StorageError", "StorageUnreachable", "URL_ENV",
-    "artifact_folder", "artifact_store", "is_journal", "journal_path", "mask_password", "open_storage", "resolve_url", "retry_db", "wait_for_storage",
+    "artifact_folder", "artifact_store", "is_journal", "journal_path", "mask_password", "open_storage", "resolve_url",
+    "retry_db", "wait_for_storage",
 ]
 
 
@@ -151,20 +153,26 @@ def wait_for_storage(url: str, *args: Any, patience_s: float = STARTUP_PATIENCE_
             time.sleep(2)
 
 
+def _db_unreachable_errors() -> tuple[type[Exception], ...]:
+    import sqlalchemy
+
+    return optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError
+
+
+DB_UNREACHABLE = _db_unreachable_errors()  # what a call raises while the database is out of reach
+
+
 def retry_db(call: Callable[..., Any], *args: Any, patience_s: float = DB_PATIENCE_S, **kwargs: Any) -> Any:
     """`call(*args, **kwargs)`, retried with back-off while the database is unreachable.
 
     Optuna turns connection errors into StorageInternalError; SQLAlchemy's OperationalError can also
     escape. pool_pre_ping (see storage.postgres) gives the next try a fresh connection.
     """
-    import sqlalchemy
-
     deadline, wait = time.monotonic() + patience_s, 1.0
     while True:
         try:
             return call(*args, **kwargs)
-        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError,
-                sqlalchemy.exc.InterfaceError) as exc:
+        except DB_UNREACHABLE as exc:
             if time.monotonic() + wait > deadline:
                 raise
             log.warning("database unreachable (%s); retrying in %.0f s", str(exc).splitlines()[0][:200], wait)

@@ -150,13 +150,23 @@ def storage_url(worker_args: list[str]) -> str | None:
     return os.environ.get("OPTUNA_STORAGE")
 
 
-def check_storage(worker_args: list[str], workers: int) -> None:
-    """On PostgreSQL, fail before starting anything if the server lacks connections for all workers."""
-    from storage.postgres import check_connection_budget, is_postgres_url
+def check_storage(worker_args: list[str], workers: int, patience_s: float = 60.0) -> None:
+    """On PostgreSQL, fail before starting anything if the server lacks connections for all workers.
+    A server that does not answer yet (starting, restarting) is waited for up to `patience_s` seconds."""
+    from storage.postgres import StorageUnreachable, check_connection_budget, is_postgres_url
 
     url = storage_url(worker_args)
-    if is_postgres_url(url):
-        check_connection_budget(url, clients=workers)
+    if not is_postgres_url(url):
+        return
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return check_connection_budget(url, clients=workers)
+        except StorageUnreachable as exc:
+            if time.monotonic() + 2 > deadline:
+                raise
+            print(f"pcvit-launch: {exc}; retrying in 2 s", flush=True)
+            time.sleep(2)
 
 
 def start(worker: Worker, command: list[str]) -> None:

@@ -115,8 +115,8 @@ def next_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
     if len(earlier) < spec.n_trials:
         return trial
     study._storage.set_trial_system_attr(trial._trial_id, SURPLUS, True)
-    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
-                                       f"surplus: the budget of {spec.n_trials} trials was spent while this worker asked")
+    reason = f"surplus: the budget of {spec.n_trials} trials was spent while this worker asked"
+    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
     fail_if_running(study._storage, trial._trial_id)
     return None
 
@@ -162,13 +162,14 @@ def run_worker(study: optuna.Study, spec: StudySpec, objective: Callable[[optuna
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float],
               guard: SignalGuard, spec: StudySpec, reaper: Reaper, checkpoints: CheckpointFiles | None = None) -> str:
-    """One trial, told to the storage whatever happens. Returns complete/pruned/interrupted/oom/error."""
+    """One trial, told to the storage whatever happens. Returns complete/pruned/interrupted/oom/error;
+    an interrupted trial (a signal, the database out of reach) is failed and re-queued."""
     import torch
 
-    retry_db(claim, study, trial)
     value, state, outcome, reason = None, TrialState.FAIL, "error", ""
     try:
-        with reaper.beating(trial._trial_id):
+        with reaper.beating(trial._trial_id):  # from the start: a claim held up by an outage is not a death
+            retry_db(claim, study, trial)
             guard.check()
             value = objective(trial)
         state, outcome = TrialState.COMPLETE, "complete"
@@ -177,6 +178,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
         log.info("trial %d pruned: %s", trial.number, exc)
     except WorkerStopped as exc:
         outcome, reason = "interrupted", str(exc)
+    except storage.DB_UNREACHABLE as exc:  # an outage longer than retry_db's patience is not the trial's fault
+        outcome, reason = "interrupted", f"database unreachable: {str(exc).splitlines()[0][:200]}"
+        log.warning("trial %d: %s", trial.number, reason)
     except torch.OutOfMemoryError as exc:
         outcome, reason = "oom", f"CUDA out of memory: {str(exc).splitlines()[0]}"
     except Exception as exc:  # noqa: BLE001 - a failed trial is data; the worker goes on

@@ -86,7 +86,7 @@ def test_chaos_loses_nothing_and_doubles_nothing(postgres_server, tmp_path):
                 postgres_server.start()
                 server_faults.append(f"outage ({GRACE + 4} s, grace {GRACE} s)")
             else:
-                pids = children(launcher.pid)
+                pids = [pid for pid in children(launcher.pid) if pid not in killed + stopped]  # one signal each
                 if pids:
                     pid, signum = rng.choice(pids), signals.pop(0)
                     os.kill(pid, signum)
@@ -114,19 +114,23 @@ def test_chaos_loses_nothing_and_doubles_nothing(postgres_server, tmp_path):
     reaped_alive = [t.number for t in reaped
                     if "worker" in t.user_attrs and int(t.user_attrs["worker"].rsplit(":", 1)[1]) not in killed]
     resumed = [t for t in retries if t.user_attrs.get("resumed_after_epoch")]
-    retrained = [t.number for t in retries
-                 if (by_number[t.system_attrs["retry_history"][-1]].user_attrs.get("checkpoint") or {}).get("trained")
-                 and t.user_attrs.get("resumed_after_epoch") != checkpoint_epoch(by_number[t.system_attrs["retry_history"][-1]])]
+    predecessor = {t.number: by_number[t.system_attrs["retry_history"][-1]] for t in retries}
+    retrained = [t.number for t in retries  # its predecessor had trained; it must have resumed after the end
+                 if (predecessor[t.number].user_attrs.get("checkpoint") or {}).get("trained")
+                 and t.user_attrs.get("resumed_after_epoch") != checkpoint_epoch(predecessor[t.number])]
     gaps = [t.number for t in retries if t.state.is_finished() and t.state != TrialState.FAIL
             and list(t.intermediate_values) != list(range(1, len(t.intermediate_values) + 1))]
     orphans = sorted(p.name for p in art.glob(f"*{PREFIX}*")) if art.exists() else []
     told_twice = worker_logs.count("was finished by another process")
     print(f"\nchaos: faults injected: {len(killed)} SIGKILL, {len(stopped)} SIGTERM, {', '.join(server_faults)}; "
           f"trials: {len(every)} in storage, {len(counted)} counted of {TRIALS}; retries: {len(retries)} "
-          f"({len(reaped)} reaped, {len(unclaimed)} of them before a claim, {len(resumed)} resumed from a checkpoint); lost: {TRIALS - len(counted)}; "
+          f"({len(reaped)} reaped, {len(unclaimed)} of them before a claim, {len(resumed)} resumed from a "
+          f"checkpoint); lost: {TRIALS - len(counted)}; "
           f"duplicates: {duplicates}; zombies: {len(zombies)}; live trials reaped: {len(reaped_alive)}; "
           f"retrained: {len(retrained)}; orphaned checkpoints: {len(orphans)}; wall time: {wall:.0f} s")
     print(out.splitlines()[-1 - WORKERS] if out else "launcher printed nothing")
+    for t in [t for t in final if t not in counted] + [by_number[n] for n in reaped_alive]:
+        print(f"trial {t.number}: {t.state.name}, {t.user_attrs.get('worker')}, {t.user_attrs.get('fail_reason')}")
 
     assert launcher.returncode == 0, out[-3000:]
     assert not plan, f"faults not injected before the study ended: {plan}"
