@@ -7,10 +7,12 @@ so, and returns the metric. Along the way it uploads reconstruction grids, the p
 final weights as Optuna artifacts, and every `checkpoint_every_n_epochs` a checkpoint from which a
 retried trial resumes.
 
-A diverged trial (non-finite energy, MSE or states) ends PRUNED, with user attributes diverged/reason/
-epoch: divergence is a bad outcome of its parameters, like a pruned loser, and samplers that learn from
-pruned trials (TPE) then avoid the region; FAIL is kept for broken infrastructure (crash, OOM), which is
-what retries and `optuna trials` FAIL counts are about.
+A diverged trial (non-finite energy, MSE or states) keeps what it measured before it diverged, as the
+original's runs do: with a metric value (e.g. a probe before the NaN) it ends COMPLETE with that value, so
+the study's best can be a run that later diverged; with none it ends PRUNED. Either way the user
+attributes diverged/divergence_epoch/reason say so. Divergence is an outcome of the parameters, not a
+crash: FAIL is kept for broken infrastructure (crash, OOM), which is what retries and `optuna trials`
+FAIL counts are about.
 
     python objective.py --study-file studies/smoke.yaml                        # SQLite under storage/
     python objective.py --storage URL --study-name NAME [--study-file FILE] [--n-trials N]
@@ -26,6 +28,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import sys
 import tempfile
 import warnings
@@ -34,16 +37,19 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.artifacts.exceptions import ArtifactNotFound
 
 import storage
 from pcvit import Config, DatasetError, Listener, RunResult, load_data, train
-from storage import recovery, retry_db
+from storage import retry_db
+from storage.checkpoints import CheckpointFiles
+from studies import retries
 from studies.curves import save_curves
 from studies.dashboard_notes import save_note, trial_note, update_study_note
 from studies.reconstruction_view import labelled_grid
-from studies.search import build_pruner, build_sampler, new_sampler_seed
+from studies.search import build_pruner, build_sampler, new_sampler_seed, representative_params, suggest_config
+from studies.side_channels import Tolerant, best_effort
 from studies.spec import METRICS, StudyFileError, StudySpec
+from studies.stopping import SignalGuard, StopOnSignal, WorkerStopped
 from studies.study_source import resolve_spec
 from studies.worker import join_study, run_worker
 from studies.worker_args import parse_worker_args
@@ -54,116 +60,82 @@ RESULT_ATTRS = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "bes
                 "implementation", "precision", "min_val_mse", "probe_converged", "node_diagnostics")
 
 
-def suggest_config(trial: optuna.Trial | optuna.trial.FixedTrial, spec: StudySpec) -> dict[str, Any]:
-    """The config values of one trial: fixed settings plus one suggestion per `space` parameter."""
-    values = {}
-    for name, p in spec.space.items():
-        if p["type"] == "categorical":
-            values[name] = trial.suggest_categorical(name, p["choices"])
-        elif p["type"] == "zero_or_log":  # 0 has probability 1/2; otherwise log-uniform in [low, high]
-            zero = trial.suggest_categorical(f"{name}_is_zero", [True, False])
-            values[name] = 0.0 if zero else trial.suggest_float(name, p["low"], p["high"], log=True)
-        elif p["type"] == "int":
-            values[name] = trial.suggest_int(name, p["low"], p["high"], step=p.get("step", 1), log=p.get("log", False))
-        else:
-            values[name] = trial.suggest_float(name, p["low"], p["high"], step=p.get("step"), log=p.get("log", False))
-    return spec.config_dict(values)
+def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
+              wandb_project: str | None = None) -> float:
+    """Suggest a config, train it (a retry goes on from its checkpoint), report and prune, return the metric."""
+    config = trial_config(trial, spec)
+    resume = load_resume_point(trial, checkpoints)
+    listeners = trial_listeners(trial, spec, store, checkpoints, wandb_project)  # report/prune, checkpoints, artifacts
 
-
-class OptunaListener(Listener):
-    """Reports the metric, prunes, uploads images, and checkpoints the run for a retry to resume from."""
-
-    def __init__(self, trial: optuna.Trial, spec: StudySpec, store: Any):
-        self.trial, self.spec, self.store = trial, spec, store
-        self.report_key = METRICS[spec.metric]
-        self.reported = set(trial.storage.get_trial(trial._trial_id).intermediate_values)  # a retry's earlier
-        self.checkpoint_id = trial.user_attrs.get(recovery.CHECKPOINT_ID)
-        self.run = None
-
-    def on_start(self, run: Any) -> None:
-        self.run = run
-
-    def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
-        value = metrics.get(self.report_key)
-        if value is not None and epoch not in self.reported:
-            retry_db(self.trial.report, float(f"{value:.6g}"), epoch)  # float32 noise is no information
-            self.reported.add(epoch)
-            if retry_db(self.trial.should_prune):
-                run.request_stop("pruned")
-        every = self.spec.checkpoint_every_n_epochs
-        ongoing = run.stop_request is None and run.result.stop_reason == "completed" and epoch < run.config.epochs
-        if every and ongoing and epoch % every == 0:
-            self.save_checkpoint(run.checkpoint(), epoch)
-
-    def on_images(self, run: Any, epoch: int, path: Path) -> None:
-        readable = path.parent / "labelled" / path.name  # same name: the dashboard shows the readable one
-        readable.parent.mkdir(exist_ok=True)
-        self.upload(labelled_grid(path, readable))
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], epoch: int) -> None:
-        new_id = recovery.save_checkpoint(self.store, checkpoint)
-        retry_db(self.trial.set_user_attr, recovery.CHECKPOINT_ID, new_id)
-        retry_db(self.trial.set_user_attr, recovery.CHECKPOINT_EPOCH, epoch)
-        recovery.remove_checkpoint(self.store, self.checkpoint_id)  # only the latest is ever needed
-        self.checkpoint_id = new_id
-
-    def upload(self, path: Path) -> None:
-        mimetype = {".png": "image/png", ".jsonl": "text/plain"}.get(path.suffix, "application/octet-stream")
-        retry_db(optuna.artifacts.upload_artifact, artifact_store=self.store, file_path=str(path),
-                 study_or_trial=self.trial, mimetype=mimetype)
-
-    def drop_checkpoint(self) -> None:
-        """The trial is over: forget its checkpoint (attribute first, so a crash in between restarts cleanly)."""
-        if self.checkpoint_id:
-            retry_db(self.trial.set_user_attr, recovery.CHECKPOINT_ID, None)
-            retry_db(self.trial.set_user_attr, recovery.CHECKPOINT_EPOCH, None)  # no stale epoch without its file
-            recovery.remove_checkpoint(self.store, self.checkpoint_id)
-            self.checkpoint_id = None
-
-
-def objective(trial: optuna.Trial, spec: StudySpec, store: Any, wandb_project: str | None = None) -> float:
-    """Sample a config, train it (resuming a retried trial from its checkpoint), record, prune or return."""
-    values = suggest_config(trial, spec)
-    seed = values.get("seed", trial.user_attrs.get("seed", secrets.randbelow(2**31)))  # the file's, or per trial
-    config = Config.from_dict({**values, "seed": seed})
-    trial.set_user_attr("seed", config.seed)
-    resume = None
-    if trial.user_attrs.get(recovery.CHECKPOINT_ID):
-        try:
-            resume = recovery.load_checkpoint(store, trial.user_attrs[recovery.CHECKPOINT_ID])
-            trial.set_user_attr("resumed_after_epoch", resume["epoch"])
-            log.info("trial %d resumes after epoch %d", trial.number, resume["epoch"])
-        except (OSError, ArtifactNotFound) as exc:
-            log.warning("trial %d: checkpoint unreadable (%s); starting from epoch 0", trial.number, exc)
-    listeners: list[Listener] = [optuna_listener := OptunaListener(trial, spec, store)]
-    if wandb_project:
-        from studies.wandb_log import WandbListener
-
-        listeners.append(WandbListener(trial, wandb_project))
     with tempfile.TemporaryDirectory(prefix=f"pcvit-trial{trial.number}-") as out_dir:
         try:
             result = train(config, data=load_data(config), listeners=listeners, out_dir=out_dir, resume=resume)
         finally:
-            for listener in listeners[1:]:
-                listener.close()  # W&B: marks the run failed if training did not return
-        record_result(trial, result)
-        _note_trial(trial, result)
-        optuna_listener.upload(save_curves(result.history, Path(out_dir) / "curves.png",
-                                           f"trial {trial.number}: {result.stop_reason}"))
-        metrics_path = Path(out_dir) / "metrics.jsonl"  # rewritten from the history: a resumed run's is complete
-        metrics_path.write_text("".join(json.dumps({k: _finite_or_text(v) for k, v in h.items()}) + "\n"
-                                        for h in result.history))
-        optuna_listener.upload(metrics_path)
-        if not result.diverged:
-            weights = Path(out_dir) / "final_weights.pt"
-            torch.save(optuna_listener.run.model.state_dict(), weights)
-            optuna_listener.upload(weights)
-    optuna_listener.drop_checkpoint()  # finished: no retry will need it
-    if result.diverged:
-        raise optuna.TrialPruned(f"diverged in epoch {result.divergence_epoch}: {result.stop_detail}")
+            for listener in listeners:
+                getattr(listener, "close", lambda: None)()  # W&B: marks the run failed if training did not return
+
+    if result.stop_reason == "interrupted":  # a signal: the worker re-queues the trial
+        raise WorkerStopped(SignalGuard.installed_guard.signum if SignalGuard.installed_guard else signal.SIGTERM)
+    record_result(trial, result)
+    _note_trial(trial, result)
     if result.stop_detail == "pruned":
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
-    return float(f"{getattr(result, spec.metric):.6g}")
+    value = measured_value(result, spec.metric)
+    if value is None:
+        raise optuna.TrialPruned(f"diverged in epoch {result.divergence_epoch} before any {spec.metric}: "
+                                 f"{result.stop_detail}")
+    return value
+
+
+def trial_config(trial: optuna.Trial, spec: StudySpec) -> Config:
+    """The trial's config: the file's fixed settings, one suggestion per `space` parameter, and a training
+    seed (the file's, else drawn once per trial and kept by its retries), recorded as a user attribute."""
+    values = suggest_config(trial, spec)
+    config = Config.from_dict({**values, "seed": values.get("seed", trial.user_attrs.get("seed",
+                                                                                        secrets.randbelow(2**31)))})
+    retry_db(trial.set_user_attr, "seed", config.seed)
+    return config
+
+
+def trial_listeners(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
+                    wandb_project: str | None) -> list[Listener]:
+    """Optuna (reports, pruning, checkpoints, artifacts), the worker's stop signal, and W&B if asked for."""
+    listeners: list[Listener] = [OptunaListener(trial, spec, store, checkpoints), StopOnSignal()]
+    if wandb_project:
+        from studies.wandb_log import WandbListener
+
+        listeners.append(Tolerant(WandbListener(trial, wandb_project), "W&B"))  # W&B failures only warn
+    return listeners
+
+
+def load_resume_point(trial: optuna.Trial, checkpoints: CheckpointFiles) -> dict[str, Any] | None:
+    """The checkpoint a retried trial goes on from (None: start afresh)."""
+    checkpoint = trial.user_attrs.get(retries.CHECKPOINT)
+    if not checkpoint:
+        return None
+    try:
+        resume = checkpoints.load(checkpoint["id"])
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("trial %d: checkpoint unreadable (%s); starting from epoch 0", trial.number, exc)
+        return None
+    retry_db(trial.set_user_attr, "resumed_after_epoch", resume["epoch"])
+    if checkpoint.get("trained"):
+        log.info("trial %d was trained by an earlier attempt; recording its result without training again",
+                 trial.number)
+    else:
+        log.info("trial %d resumes after epoch %d", trial.number, resume["epoch"])
+    return resume
+
+
+def measured_value(result: RunResult, metric: str) -> float | None:
+    """The trial's value of `metric`, or None when the run never measured it (diverged before the first probe,
+    or before any finite MSE). A diverged run keeps the best value it measured before the NaN."""
+    value = float(f"{getattr(result, metric):.6g}")  # float32 noise is no information
+    if not result.diverged:
+        return value
+    if metric == "best_probe_accuracy" and not result.probe_accuracies:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def record_result(trial: optuna.Trial, result: RunResult) -> None:
@@ -200,11 +172,78 @@ def _significant(value: Any) -> Any:
 
 
 def _note_trial(trial: optuna.Trial, result: RunResult) -> None:
+    """A few lines on the trial's page in optuna-dashboard: what happened (a convenience: failures only warn)."""
     summary = {**result_attrs(result), "history": result.history}
-    try:
-        save_note(trial, trial_note(trial.number, summary, trial.user_attrs.get("resumed_after_epoch")))
-    except Exception as exc:  # noqa: BLE001 - a note is a convenience; the trial's record is already stored
-        log.warning("trial %d: could not write its note: %s", trial.number, exc)
+    best_effort(f"the note of trial {trial.number}", save_note, trial,
+                trial_note(trial.number, summary, trial.user_attrs.get("resumed_after_epoch")))
+
+
+class OptunaListener(Listener):
+    """Reports the metric, prunes, checkpoints the run for a retry to resume from, and uploads its artifacts
+    (images as they come; at the end the per-epoch metrics and the final weights)."""
+
+    def __init__(self, trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles):
+        self.trial, self.spec, self.store, self.checkpoints = trial, spec, store, checkpoints
+        self.report_key = METRICS[spec.metric]
+        frozen = retry_db(trial.storage.get_trial, trial._trial_id)
+        self.reported = set(frozen.intermediate_values)  # a retry's earlier reports
+        self.lineage = retries.lineage(trial.study._study_id, frozen)
+        self.checkpoint = trial.user_attrs.get(retries.CHECKPOINT) or {}
+
+    def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
+        value = metrics.get(self.report_key)
+        if value is not None and epoch not in self.reported:
+            retry_db(self.trial.report, float(f"{value:.6g}"), epoch)  # float32 noise is no information
+            self.reported.add(epoch)
+            if retry_db(self.trial.should_prune):
+                run.request_stop("pruned")
+        every = self.spec.checkpoint_every_n_epochs
+        ongoing = run.stop_request is None and run.result.stop_reason == "completed" and epoch < run.config.epochs
+        if every and ongoing and epoch % every == 0:
+            self.save_checkpoint(run.checkpoint(), epoch)
+
+    def on_images(self, run: Any, epoch: int, path: Path) -> None:
+        readable = path.parent / "labelled" / path.name  # same name: the dashboard shows the readable one
+        readable.parent.mkdir(exist_ok=True)
+        grid = best_effort(f"labelling {path.name}", labelled_grid, path, readable)
+        if grid is not None:
+            self.upload(grid)
+
+    def on_end(self, run: Any, result: RunResult) -> None:
+        if result.stop_reason == "interrupted":
+            return  # the retry resumes from the last checkpoint
+        if self.spec.checkpoint_every_n_epochs and not self.checkpoint.get("trained"):
+            # kept until the worker has stored the result: a retry after a kill records it, not retrains
+            self.save_checkpoint(run.checkpoint(), result.epochs_run, trained=True)
+        if run.out_dir is None:
+            return
+        curves = best_effort("drawing curves.png", save_curves, result.history, run.out_dir / "curves.png",
+                             f"trial {self.trial.number}: {result.stop_reason}")
+        if curves is not None:
+            self.upload(curves)
+        metrics_path = run.out_dir / "metrics.jsonl"  # rewritten from the history: a resumed run's is complete
+        best_effort("writing metrics.jsonl", metrics_path.write_text,
+                    "".join(json.dumps({k: _finite_or_text(v) for k, v in h.items()}) + "\n" for h in result.history))
+        self.upload(metrics_path)
+        if not result.diverged:
+            weights = run.out_dir / "final_weights.pt"
+            if best_effort("saving the final weights", lambda: torch.save(run.model.state_dict(), weights) or True):
+                self.upload(weights)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], epoch: int, trained: bool = False) -> None:
+        """Write the checkpoint, point the trial at it in one write, then drop the older ones."""
+        new_id = best_effort(f"checkpoint of trial {self.trial.number} after epoch {epoch}",
+                             self.checkpoints.save, self.lineage, checkpoint)
+        if new_id is None:
+            return
+        self.checkpoint = {"id": new_id, "epoch": epoch, "trained": trained}
+        retry_db(self.trial.set_user_attr, retries.CHECKPOINT, self.checkpoint)
+        self.checkpoints.remove_lineage(self.lineage, keep=new_id)  # only the latest is ever needed
+
+    def upload(self, path: Path) -> None:
+        mimetype = {".png": "image/png", ".jsonl": "text/plain"}.get(path.suffix, "application/octet-stream")
+        best_effort(f"upload of {path.name}", retry_db, optuna.artifacts.upload_artifact, artifact_store=self.store,
+                    file_path=str(path), study_or_trial=self.trial, mimetype=mimetype)
 
 
 def _finite_or_text(value: Any) -> Any:
@@ -240,47 +279,34 @@ def main(argv: list[str] | None = None) -> int:
     url = storage.resolve_url(args.storage)
     try:
         spec = resolve_spec(url, args.study_name, args.study_file)
-        base = Config.from_dict(suggest_config(optuna.trial.FixedTrial(_first_values(spec)), spec))
+        base = Config.from_dict(suggest_config(optuna.trial.FixedTrial(representative_params(spec)), spec))
         load_data(base)  # a missing dataset fails here, before the storage is touched (and stays cached)
         sampler_seed = new_sampler_seed()
-        db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period, recovery.retry_stale_trial,
-                                  check_budget=True)
-        study = join_study(db, url, args.study_name or spec.name, spec, build_sampler(spec, sampler_seed),
-                           build_pruner(spec))
+        db = storage.wait_for_storage(url, spec.heartbeat_interval, spec.grace_period, check_budget=True)
+        study = retry_db(join_study, db, url, args.study_name or spec.name, spec, build_sampler(spec, sampler_seed),
+                         build_pruner(spec), patience_s=storage.STARTUP_PATIENCE_S)
     except (StudyFileError, storage.StorageError, DatasetError) as exc:
         print(f"pcvit-worker: error: {exc}", file=sys.stderr)
         return 2
     with warnings.catch_warnings():  # "experimental"; the dashboard labels its axes with it
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([spec.metric])
+        best_effort("naming the study's metric", retry_db, study.set_metric_names, [spec.metric])
     store = storage.artifact_store(args.artifact_dir)
+    checkpoints = CheckpointFiles(storage.artifact_folder(args.artifact_dir))
     log.info("worker joins study %r in %s (sampler seed %d)", study.study_name, storage.mask_password(url),
              sampler_seed)
 
     def run_objective(trial: optuna.Trial) -> float:
         if "sampler_seed" not in trial.user_attrs:  # a retry keeps the seed that sampled its params
-            trial.set_user_attr("sampler_seed", sampler_seed)
+            retry_db(trial.set_user_attr, "sampler_seed", sampler_seed)
         try:
-            return objective(trial, spec, store, args.wandb)
+            return objective(trial, spec, store, checkpoints, args.wandb)
         finally:
             update_study_note(study, spec)  # before the trial is told: the report lags one trial behind
 
-    code = run_worker(study, spec, run_objective, args.n_trials)
+    code = run_worker(study, spec, run_objective, args.n_trials, checkpoints)
     update_study_note(study, spec)
     return code
-
-
-def _first_values(spec: StudySpec) -> dict[str, Any]:
-    """Params of a representative trial (each parameter at its low end) for the start-up data check."""
-    params: dict[str, Any] = {}
-    for name, p in spec.space.items():
-        if p["type"] == "categorical":
-            params[name] = p["choices"][0]
-        elif p["type"] == "zero_or_log":
-            params[f"{name}_is_zero"] = True
-        else:
-            params[name] = p["low"]
-    return params
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ URL forms (the same as Optuna's where Optuna has one):
 * `postgresql+psycopg2://user@host:5432/db` (password from `PGPASSWORD` or `~/.pgpass`, never the repo):
   many workers on many machines.
 The URL comes from the command line, else `OPTUNA_STORAGE` (what Optuna's own CLI reads), else the default.
-Artifacts (images, metrics, weights, checkpoints) go to a file-system store: `--artifact-dir`, else
-`PCVIT_ARTIFACT_DIR`, else `storage/artifacts`; point `optuna-dashboard --artifact-dir` at the same folder.
+Artifacts (images, metrics, weights; checkpoints, see `storage.checkpoints`) go to a file-system store:
+`--artifact-dir`, else `PCVIT_ARTIFACT_DIR`, else `storage/artifacts`; point `optuna-dashboard --artifact-dir`
+at the same folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -25,7 +27,9 @@ from typing import Any, Callable
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
-from storage.postgres import StorageError, check_connection_budget, engine_kwargs, is_postgres_url, mask_password
+from storage.locks import LOCK_SUFFIX, file_lock
+from storage.postgres import (StorageError, StorageUnreachable, check_connection_budget, engine_kwargs, is_postgres_url,
+                              mask_password, storage_error)
 
 DEFAULT_URL = "sqlite:///storage/pcvit.db"
 DEFAULT_ARTIFACT_DIR = "storage/artifacts"
@@ -36,9 +40,9 @@ SCHEMA_RACE_ATTEMPTS = 5
 SQLITE_BUSY_TIMEOUT_S = 60  # workers, `reap` and the dashboard share one file: wait for its lock, do not fail
 
 __all__ = [
-    "ARTIFACT_DIR_ENV", "DEFAULT_ARTIFACT_DIR", "DEFAULT_URL", "StorageError", "URL_ENV", "artifact_store",
-    "is_journal", "journal_path", "local_file", "mask_password", "open_storage", "require_existing", "resolve_url",
-    "retry_db",
+    "ARTIFACT_DIR_ENV", "DEFAULT_ARTIFACT_DIR", "DEFAULT_URL", "StorageError", "StorageUnreachable", "URL_ENV",
+    "artifact_folder", "artifact_store", "is_journal", "journal_path", "local_file", "mask_password", "open_storage",
+    "require_existing", "resolve_url", "retry_db", "wait_for_storage",
 ]
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
@@ -79,15 +83,14 @@ def open_storage(
     url: str,
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
-    stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
     check_budget: bool = False,
 ) -> optuna.storages.BaseStorage:
     """Open the Optuna storage behind `url`; raise StorageError naming the URL when it cannot be used.
 
-    RDB storages (SQLite, PostgreSQL) get heartbeats: a trial whose worker stops beating for
-    `grace_period` seconds is failed by the next worker that looks, and `stale_trial_callback` re-queues it.
-    The journal file has no heartbeat; `storage.recovery` finds its dead trials by process id instead.
-    With `check_budget`, a PostgreSQL server must have a free connection budget for one more worker.
+    RDB storages (SQLite, PostgreSQL) get heartbeats every `heartbeat_interval` seconds; what counts as
+    dead, and what happens to it, is the runner's business (`studies.reaper`). The journal file has no
+    heartbeat. With `check_budget`, a PostgreSQL server must have a free connection budget for one more
+    worker. Workers that open a new SQLite file together create its tables one at a time.
     """
     shown = mask_password(url)
     if is_journal(url):
@@ -118,24 +121,31 @@ def open_storage(
 
     heartbeat = {}
     if heartbeat_interval is not None:
-        heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
-                     "heartbeat_stale_trial_callback": stale_trial_callback}
+        heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period}
     attempt = 0
     while True:
         attempt += 1
         try:
-            with warnings.catch_warnings():
+            with _schema_lock(url), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs=options, **heartbeat)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
-            # Workers started together on an empty database all create Optuna's tables; the losers'
-            # CREATE fails with a duplicate. The tables exist then: try again.
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as exc:
+            # Workers started together on an empty PostgreSQL database all create Optuna's tables; the
+            # losers' CREATE fails with a duplicate. The tables exist then: try again.
+            if "already exists" not in str(exc) and not isinstance(exc, sqlalchemy.exc.IntegrityError):
+                raise storage_error(f"{shown}: cannot open the storage", getattr(exc, "orig", None) or exc) from None
             if attempt == SCHEMA_RACE_ATTEMPTS:
                 raise StorageError(f"{shown}: cannot create Optuna's tables: {getattr(exc, 'orig', exc)}") from None
             time.sleep(0.2 + random.random())
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, RuntimeError) as exc:  # Runtime: old schema
-            reason = getattr(exc, "orig", None) or exc
-            raise StorageError(f"{shown}: cannot open the storage: {str(reason).strip()}") from None
+            raise storage_error(f"{shown}: cannot open the storage", getattr(exc, "orig", None) or exc) from None
+
+
+def _schema_lock(url: str) -> contextlib.AbstractContextManager:
+    """SQLite: one process at a time creates (or checks) the tables of a file; others: no lock needed."""
+    if url.startswith("sqlite:///"):
+        return file_lock(url[len("sqlite:///"):] + LOCK_SUFFIX)
+    return contextlib.nullcontext()
 
 
 def _need_folder(path: pathlib.Path, url: str) -> None:
@@ -148,6 +158,30 @@ def _need_folder(path: pathlib.Path, url: str) -> None:
 
 
 DB_PATIENCE_S = 600  # how long a worker keeps retrying through a database outage (a restart takes seconds)
+STARTUP_PATIENCE_S = 60  # how long a starting worker waits for a server that does not answer
+
+
+def wait_for_storage(url: str, *args: Any, patience_s: float = STARTUP_PATIENCE_S, **kwargs: Any) -> Any:
+    """`open_storage(url, ...)`, retried while the server does not answer (a restart, a compose start-up);
+    after `patience_s` the StorageUnreachable goes to the caller. Every other StorageError at once."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return open_storage(url, *args, **kwargs)
+        except StorageUnreachable as exc:
+            if time.monotonic() + 2 > deadline:
+                raise
+            log.warning("%s; retrying in 2 s", exc)
+            time.sleep(2)
+
+
+def _db_unreachable_errors() -> tuple[type[Exception], ...]:
+    import sqlalchemy
+
+    return optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError
+
+
+DB_UNREACHABLE = _db_unreachable_errors()  # what a call raises while the database is out of reach
 
 
 def retry_db(call: Callable[..., Any], *args: Any, patience_s: float = DB_PATIENCE_S, **kwargs: Any) -> Any:
@@ -156,14 +190,11 @@ def retry_db(call: Callable[..., Any], *args: Any, patience_s: float = DB_PATIEN
     Optuna turns connection errors into StorageInternalError; SQLAlchemy's OperationalError can also
     escape. pool_pre_ping (see storage.postgres) gives the next try a fresh connection.
     """
-    import sqlalchemy
-
     deadline, wait = time.monotonic() + patience_s, 1.0
     while True:
         try:
             return call(*args, **kwargs)
-        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError,
-                sqlalchemy.exc.InterfaceError) as exc:
+        except DB_UNREACHABLE as exc:
             if time.monotonic() + wait > deadline:
                 raise
             log.warning("database unreachable (%s); retrying in %.0f s", str(exc).splitlines()[0][:200], wait)
@@ -171,8 +202,13 @@ def retry_db(call: Callable[..., Any], *args: Any, patience_s: float = DB_PATIEN
             wait = min(wait * 2, 30.0)
 
 
-def artifact_store(path: str | None = None) -> FileSystemArtifactStore:
-    """The file-system artifact store: `path`, else $PCVIT_ARTIFACT_DIR, else storage/artifacts (created)."""
+def artifact_folder(path: str | None = None) -> pathlib.Path:
+    """The artifact folder: `path`, else $PCVIT_ARTIFACT_DIR, else storage/artifacts (created)."""
     folder = pathlib.Path(path or os.environ.get(ARTIFACT_DIR_ENV) or DEFAULT_ARTIFACT_DIR)
     folder.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(folder))
+    return folder
+
+
+def artifact_store(path: str | None = None) -> FileSystemArtifactStore:
+    """The file-system artifact store in `artifact_folder(path)` (images, metrics, weights)."""
+    return FileSystemArtifactStore(str(artifact_folder(path)))

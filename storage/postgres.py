@@ -10,14 +10,28 @@ is refused mid-study.
 
 from __future__ import annotations
 
-POOL_SIZE = 2  # a worker's main thread + its heartbeat thread each hold one connection at peak
-MAX_OVERFLOW = 1  # one spare, for a third thread (e.g. Optuna's own heartbeat beside ours) or an overlap
+POOL_SIZE = 2  # a worker's main thread + its heartbeat/reaper thread each hold one connection at peak
+MAX_OVERFLOW = 1  # one spare: the advisory lock (storage.locks) held while a retry is added
 PER_WORKER = POOL_SIZE + MAX_OVERFLOW  # the most connections one worker process can open
 DASHBOARD_CONNECTIONS = 5  # optuna-dashboard keeps SQLAlchemy's default pool (pool_size 5)
 
 
 class StorageError(RuntimeError):
     """The storage cannot serve the planned workers; the message names the URL and the numbers."""
+
+
+class StorageUnreachable(StorageError):
+    """The database server did not answer (refused, timed out, restarting): it may be back in a moment."""
+
+
+_UNREACHABLE = ("connection refused", "could not connect", "timeout expired", "starting up", "shutting down",
+                "server closed the connection", "terminating connection", "no route to host")
+
+
+def storage_error(message: str, reason: object) -> StorageError:
+    """StorageUnreachable when `reason` says the server did not answer, else StorageError."""
+    kind = StorageUnreachable if any(words in str(reason).lower() for words in _UNREACHABLE) else StorageError
+    return kind(f"{message}: {str(reason).strip()}")
 
 
 def is_postgres_url(url: str | None) -> bool:
@@ -92,7 +106,7 @@ def check_connection_budget(
                 "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
             ).scalar_one())
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        raise StorageError(f"cannot read the connection limits of {masked}: {exc.orig or exc}") from exc
+        raise storage_error(f"cannot read the connection limits of {masked}", exc.orig or exc) from exc
     finally:
         engine.dispose()
 

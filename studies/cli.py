@@ -43,11 +43,11 @@ def import_wandb(sweep: str, out: str, n_trials: int | None) -> int:
 
 
 def reap(url: str, name: str) -> int:
-    from storage.recovery import reap_stale_trials
+    from studies.reaper import reap_once
     from studies.worker import open_existing_study
 
     study, spec = open_existing_study(url, name)
-    reaped = reap_stale_trials(study, spec.grace_period)
+    reaped = reap_once(study, spec.grace_period, spec.max_retries)
     print(f"reaped {len(reaped)} dead trial(s){': ' + ', '.join(map(str, reaped)) if reaped else ''}")
     return 0
 

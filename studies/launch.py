@@ -6,8 +6,15 @@ Each worker is its own process (`python -m objective <worker args>`, i.e. pcvit-
 to one GPU with CUDA_VISIBLE_DEVICES and writing to its own log, DIR/worker-gpuG-K.log. Workers
 share nothing but the study's storage, so one that dies costs only its trial. SIGTERM and SIGINT
 (and SIGHUP, as SIGTERM) are forwarded to every worker (each fails and re-queues its running trial); workers
-still alive --kill-after seconds later are killed. The launcher exits when every worker has, with
-a summary of their exit codes: 1 if any failed, else 128 + the signal if it was stopped by one, else 0.
+still alive --kill-after seconds later are killed.
+
+A worker that dies abnormally (SIGKILL, the OOM killer, a crash, a signal the launcher did not send) is
+restarted in its slot after a back-off (--restart-backoff seconds, doubling), at most --max-restarts
+times, while the study has budget left (no worker has yet exited 0, which a worker does only when the
+budget is spent and no trial is left). Exit 2 (bad input) and exit 1 (three trials in a row failed:
+a systematic error) are never restarted: a restart would only fail again, or burn budget.
+The launcher exits when every worker has, with a summary of their exit codes and restarts: 1 if any
+failed, else 128 + the signal if it was stopped by one, else 0.
 
 Without --gpus it uses the GPUs in CUDA_VISIBLE_DEVICES, else those `nvidia-smi -L` lists; with
 none (or --cpu-workers N) it starts CPU workers, with CUDA_VISIBLE_DEVICES="".
@@ -29,6 +36,7 @@ from pathlib import Path
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 DEFAULT_WORKER_CMD = f"{shlex.quote(sys.executable)} -m objective"
+STDOUT = "-"  # --log-dir value: workers write to the launcher's output (docker logs)
 _GPU_TOKEN = re.compile(r"\d+|(GPU|MIG)-[0-9A-Za-z/-]+")
 
 
@@ -39,6 +47,8 @@ class Worker:
     log_path: Path
     threads: int | None = None  # OMP_NUM_THREADS for a CPU worker: the cores shared out, not oversubscribed
     process: subprocess.Popen | None = field(default=None, repr=False)
+    exits: list[int] = field(default_factory=list)  # exit codes of this slot's processes, in order
+    restart_at: float | None = None  # monotonic time of a pending restart
 
     @property
     def returncode(self) -> int | None:
@@ -55,13 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="workers sharing each GPU (default 1)")
     parser.add_argument("--cpu-workers", type=int, help="start this many CPU workers instead of GPU workers")
     parser.add_argument("--log-dir", type=Path, default=Path("runs/logs"),
-                        help="one log per worker (default runs/logs)")
+                        help="one log per worker (default runs/logs); `-`: the launcher's own output")
     parser.add_argument(
         "--worker-cmd", default=DEFAULT_WORKER_CMD,
         help="the worker command, before the worker args (default: this Python's `-m objective`)",
     )
     parser.add_argument("--kill-after", type=float, default=60.0,
                         help="seconds after a forwarded signal before workers still alive get SIGKILL")
+    parser.add_argument("--max-restarts", type=int, default=5,
+                        help="restarts of each worker that died abnormally (default 5)")
+    parser.add_argument("--restart-backoff", type=float, default=2.0,
+                        help="seconds before the first restart of a worker, doubling with each (default 2)")
     parser.add_argument("--dry-run", action="store_true", help="print the workers it would start, start none")
     return parser
 
@@ -100,6 +114,8 @@ def visible_gpus() -> list[str]:
 
 
 def plan_workers(args: argparse.Namespace) -> list[Worker]:
+    if args.max_restarts < 0 or args.restart_backoff < 0:
+        raise ValueError("--max-restarts and --restart-backoff must not be negative")
     if args.workers_per_gpu < 1:
         raise ValueError(f"--workers-per-gpu must be at least 1, got {args.workers_per_gpu}")
     if args.cpu_workers is not None:
@@ -113,12 +129,16 @@ def plan_workers(args: argparse.Namespace) -> list[Worker]:
         # Each worker's OpenMP threads would otherwise take every core and spin against the others'
         # (a tiny trial measured 27x slower with 4 workers on 2 cores).
         threads = max(1, (os.cpu_count() or 1) // count)
-        return [Worker(f"cpu-{k}", "", args.log_dir / f"worker-cpu-{k}.log", threads) for k in range(count)]
+        return [Worker(f"cpu-{k}", "", log_path(args.log_dir, f"cpu-{k}"), threads) for k in range(count)]
     return [
-        Worker(f"gpu{gpu}-{k}", gpu, args.log_dir / f"worker-gpu{gpu}-{k}.log")
+        Worker(f"gpu{gpu}-{k}", gpu, log_path(args.log_dir, f"gpu{gpu}-{k}"))
         for gpu in gpus
         for k in range(args.workers_per_gpu)
     ]
+
+
+def log_path(log_dir: Path, name: str) -> Path:
+    return log_dir if str(log_dir) == STDOUT else log_dir / f"worker-{name}.log"
 
 
 def storage_url(worker_args: list[str]) -> str | None:
@@ -131,20 +151,34 @@ def storage_url(worker_args: list[str]) -> str | None:
     return os.environ.get("OPTUNA_STORAGE")
 
 
-def check_storage(worker_args: list[str], workers: int) -> None:
-    """On PostgreSQL, fail before starting anything if the server lacks connections for all workers."""
-    from storage.postgres import check_connection_budget, is_postgres_url
+def check_storage(worker_args: list[str], workers: int, patience_s: float = 60.0) -> None:
+    """On PostgreSQL, fail before starting anything if the server lacks connections for all workers.
+    A server that does not answer yet (starting, restarting) is waited for up to `patience_s` seconds."""
+    from storage.postgres import StorageUnreachable, check_connection_budget, is_postgres_url
 
     url = storage_url(worker_args)
-    if is_postgres_url(url):
-        check_connection_budget(url, clients=workers)
+    if not is_postgres_url(url):
+        return
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return check_connection_budget(url, clients=workers)
+        except StorageUnreachable as exc:
+            if time.monotonic() + 2 > deadline:
+                raise
+            print(f"pcvit-launch: {exc}; retrying in 2 s", flush=True)
+            time.sleep(2)
 
 
 def start(worker: Worker, command: list[str]) -> None:
-    worker.log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": worker.gpu}
     if worker.threads is not None and "OMP_NUM_THREADS" not in os.environ:  # the user's setting wins
         env["OMP_NUM_THREADS"] = str(worker.threads)
+    if str(worker.log_path) == STDOUT:  # in a container: the launcher's own output is the log
+        sys.stdout.flush()
+        worker.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        return
+    worker.log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(worker.log_path, "ab") as log:
         log.write(f"--- pcvit-launch {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n".encode())
         log.flush()
@@ -203,17 +237,58 @@ class Forwarder:
             _send(worker, sent)
 
 
-def wait_all(forwarder: Forwarder, kill_after: float) -> None:
-    """Wait for every started worker, reporting each exit; SIGKILL those alive kill_after s after a signal."""
-    reported: set[str] = set()
+def restartable(code: int) -> bool:
+    """Did the worker die abnormally? 0: budget spent; 1: three failed trials in a row; 2: bad input."""
+    return code not in (0, 1, 2)
+
+
+@dataclass
+class Restarts:
+    """When to restart a dead worker: `command` (None: never), at most `limit` times, after `backoff` s doubling."""
+
+    command: list[str] | None = None
+    limit: int = 0
+    backoff: float = 2.0
+    budget_spent: bool = False  # a worker exited 0: no trial is left, a dead slot is not needed any more
+
+    def delay(self, worker: Worker) -> float | None:
+        """Seconds until `worker` (just exited) restarts, None if it stays down."""
+        restarts = len(worker.exits) - 1
+        if self.command is None or self.budget_spent or restarts >= self.limit or not restartable(worker.exits[-1]):
+            return None
+        return min(self.backoff * 2 ** restarts, 60.0)
+
+
+def wait_all(forwarder: Forwarder, kill_after: float, restarts: Restarts | None = None) -> None:
+    """Wait for every started worker, reporting each exit and restarting the dead ones as `restarts` says;
+    SIGKILL those alive kill_after s after a signal."""
+    restarts = restarts or Restarts()
+    reported: list[subprocess.Popen] = []  # the processes whose exit was handled (kept: ids get reused)
     killed = False
     while True:
+        alive = forwarder.alive()  # before the exits are read: a worker ending in between is still reported
         for worker in forwarder.workers:
-            if worker.process and worker.returncode is not None and worker.name not in reported:
-                reported.add(worker.name)
+            process = worker.process
+            if process is not None and process.poll() is not None and not any(p is process for p in reported):
+                reported.append(process)
+                worker.exits.append(process.returncode)
+                restarts.budget_spent |= process.returncode == 0
                 print(f"pcvit-launch: worker {worker.name} finished: "
-                      f"{describe_exit(worker.returncode, forwarder.sent)}", flush=True)
-        if not forwarder.alive():
+                      f"{describe_exit(process.returncode, forwarder.sent)}", flush=True)
+                delay = restarts.delay(worker) if forwarder.sent is None else None
+                if delay is not None:
+                    worker.restart_at = time.monotonic() + delay
+                    print(f"pcvit-launch: restarting worker {worker.name} in {delay:g} s "
+                          f"(restart {len(worker.exits)} of at most {restarts.limit})", flush=True)
+        for worker in forwarder.workers:
+            if worker.restart_at is not None and (forwarder.sent is not None or restarts.budget_spent):
+                worker.restart_at = None  # stopped, or the study ended meanwhile
+            elif worker.restart_at is not None and time.monotonic() >= worker.restart_at:
+                worker.restart_at = None
+                start(worker, restarts.command)
+                print(f"pcvit-launch: worker {worker.name} restarted: pid {worker.process.pid}", flush=True)
+        pending = any(w.restart_at is not None for w in forwarder.workers)
+        if not alive and not pending and not forwarder.alive():  # the last check: one restarted just now
             return
         if not killed and time.monotonic() - forwarder.since > kill_after:
             for worker in forwarder.alive():
@@ -231,15 +306,25 @@ def _send(worker: Worker, signum: int) -> None:
         pass  # it exited in between
 
 
-def summary(workers: list[Worker], signum: int | None) -> tuple[str, int]:
-    """One line per worker, and the launcher's exit code: 1 if any failed, 128 + signal if stopped, else 0."""
-    failed = [w for w in workers if w.returncode != 0 and not stopped_by(w.returncode, signum)]
-    lines = [f"pcvit-launch: {len(workers)} workers finished, {len(failed)} failed"]
+def summary(workers: list[Worker], signum: int | None, budget_spent: bool = False) -> tuple[str, int]:
+    """One line per worker, and the launcher's exit code: 1 if any failed, 128 + signal if stopped, else 0.
+
+    A worker that died abnormally after the budget was spent did not fail the study: no trial was left
+    for it (its own was re-queued and run by the others before they exited 0)."""
+    def failed(w: Worker) -> bool:
+        code = w.exits[-1]
+        return code != 0 and not stopped_by(code, signum) and not (budget_spent and restartable(code))
+
+    failures = [w for w in workers if failed(w)]
+    restarted = sum(len(w.exits) - 1 for w in workers)
+    lines = [f"pcvit-launch: {len(workers)} workers finished, {len(failures)} failed, {restarted} restarts"]
     for w in workers:
-        mark = "  FAILED" if w in failed else ""
-        lines.append(f"  {w.name:<12} pid {w.process.pid:<8} {describe_exit(w.returncode, signum):<20} "
-                     f"{w.log_path}{mark}")
-    code = 1 if failed else (128 + signum if signum else 0)
+        mark = "  FAILED" if w in failures else ""
+        earlier = ", ".join(describe_exit(code) for code in w.exits[:-1])
+        again = f"  restarted {len(w.exits) - 1}x after: {earlier}" if earlier else ""
+        lines.append(f"  {w.name:<12} pid {w.process.pid:<8} {describe_exit(w.exits[-1], signum):<20} "
+                     f"{w.log_path}{mark}{again}")
+    code = 1 if failures else (128 + signum if signum else 0)
     return "\n".join(lines), code
 
 
@@ -287,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             print(f"pcvit-launch: worker {worker.name} pid {worker.process.pid} "
                   f"CUDA_VISIBLE_DEVICES={worker.gpu!r} log {worker.log_path}", flush=True)
-        wait_all(forwarder, args.kill_after)
-    text, code = summary([w for w in workers if w.process], forwarder.sent)
+        restarts = Restarts(command, args.max_restarts, args.restart_backoff)
+        wait_all(forwarder, args.kill_after, restarts)
+    text, code = summary([w for w in workers if w.process], forwarder.sent, restarts.budget_spent)
     print(text, flush=True)
     return code
 

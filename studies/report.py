@@ -20,8 +20,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from storage.recovery import is_retry
 from studies.report_stats import quartiles, rank_sum_p, spearman, spearman_p
+from studies.retries import is_retry
 from studies.spec import StudySpec, param_value
 from studies.worker import SURPLUS
 

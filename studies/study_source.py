@@ -12,7 +12,7 @@ import pathlib
 import optuna
 
 import storage
-from storage.recovery import SPEC_ATTR
+from studies.retries import SPEC_ATTR
 from studies.search import check_sampler_and_pruner, load_study_file
 from studies.spec import StudyFileError, StudySpec, spec_from_document
 

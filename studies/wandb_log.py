@@ -5,6 +5,7 @@ one log row per epoch (step = epoch, as the original), summary = the run's resul
 `best_probe_accuracy` the maximum over all probes. `wandb` is imported only when a run starts.
 Mode: $WANDB_MODE if set, else online when WANDB_API_KEY is set, else offline (nothing leaves the
 machine; `wandb sync` uploads later). The run id and URL (or offline folder) become trial user attributes.
+`wandb.init` gives up after $WANDB_INIT_TIMEOUT seconds (default 30); the trial then goes on without W&B.
 Optuna's W&B callback is deprecated and sees only finished trials; a listener sees every epoch.
 """
 
@@ -19,7 +20,13 @@ import optuna
 from pcvit import Listener, RunResult
 
 
+INIT_TIMEOUT_S = 30  # W&B's own default is 90 s of a GPU idling when its server is out of reach
+
+
 class WandbListener(Listener):
+    """Logs one trial as one W&B run. The objective wraps it in `side_channels.Tolerant`: a W&B failure
+    (no network, a server error) costs the W&B run, never the trial."""
+
     def __init__(self, trial: optuna.Trial, project: str):
         self.trial, self.project = trial, project
         self.wandb_run: Any = None
@@ -30,9 +37,11 @@ class WandbListener(Listener):
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         config = {**run.config.to_dict(), "params": self.trial.params, "trial_number": self.trial.number,
                   "resumed_after_epoch": run.epoch}
+        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
         self.wandb_run = wandb.init(project=self.project, group=self.trial.study.study_name,
                                     name=f"trial-{self.trial.number}", config=config, mode=mode,
-                                    dir=os.environ.get("WANDB_DIR"), reinit="create_new")
+                                    dir=os.environ.get("WANDB_DIR"), reinit="create_new",
+                                    settings=wandb.Settings(init_timeout=timeout))
         self.trial.set_user_attr("wandb_run_id", self.wandb_run.id)
         self.trial.set_user_attr("wandb_url", self.wandb_run.url or f"offline: {self.wandb_run.dir}")
 

@@ -8,82 +8,45 @@
   asked at once, a trial whose number ranks beyond the budget is marked `pcvit:surplus`, failed at once
   without training, and left out of reports. Trial numbers are assigned atomically by the storage, so
   exactly `n_trials` trials train, whatever the number of workers.
-* Signals: SIGTERM (docker stop) or SIGINT stops training at once; the trial is failed with the reason and
-  re-queued (to resume from its checkpoint), then the worker exits with 128 + the signal number.
+* Signals: SIGTERM (docker stop) or SIGINT stops the running trial after its current batch (never inside a
+  database or file write); the trial is failed with the reason and re-queued (to resume from its
+  checkpoint), then the worker exits with 128 + the signal number. A second signal stops at once.
+* Dead workers: a `Reaper` thread beats for the running trial and re-queues the trials of dead workers
+  within the grace period, even while every worker is busy (see `studies.reaper`).
 * Errors: a CUDA out-of-memory error fails the trial with the reason, frees the cache, and the worker
   goes on; so does any other error, unless three trials in a row fail (then the worker stops: a bug or a
   broken machine should not burn the budget).
-* When the budget is spent the worker waits while other trials still run, reaping dead ones and running
-  their retries, so a crashed trial is finished even when its worker is gone; then it exits 0.
+* When the budget is spent the worker waits while other trials still run, running the retries of dead
+  ones, so a crashed trial is finished even when its worker is gone; then it removes the checkpoints of
+  finished trials that a killed worker left behind, and exits 0.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import signal
-import threading
 import traceback
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import TrialState
 
 import storage
 from storage import mask_password, retry_db
-from storage.recovery import (SPEC_ATTR, Heartbeat, claim, fail_trial, is_retry, reap_stale_trials, requeue,
-                              retry_stale_trial)
+from storage.checkpoints import CheckpointFiles, lineage_of
+from storage.locks import storage_lock
+from studies.owners import claim
+from studies.reaper import Reaper
+from studies.retries import (SPEC_ATTR, fail_for_retry, fail_if_running, is_retry, lineage, lineage_done,
+                             repair_missing_retries, requeue)
 from studies.spec import StudyFileError, StudySpec, canonical, spec_diff, spec_from_document
+from studies.stopping import SignalGuard, WorkerStopped
 
 log = logging.getLogger("pcvit.worker")
 SURPLUS = "pcvit:surplus"  # system attr of a trial created beyond the budget by a concurrent ask
 MAX_FAILURES_IN_A_ROW = 3
-
-
-class WorkerStopped(BaseException):
-    """Raised inside a running trial when the worker gets SIGTERM or SIGINT (BaseException: nothing swallows it)."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"worker stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-class SignalGuard:
-    """SIGTERM/SIGINT: raise WorkerStopped while a trial trains (`armed`), else just remember the signal."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.event = threading.Event()  # wakes an idle wait
-        self._armed = False
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator["SignalGuard"]:
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    @contextlib.contextmanager
-    def armed(self) -> Iterator[None]:
-        if self.signum is not None:
-            raise WorkerStopped(self.signum)
-        self._armed = True
-        try:
-            yield
-        finally:
-            self._armed = False
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        first = self.signum is None
-        self.signum = self.signum or signum
-        self.event.set()
-        if self._armed and first:
-            self._armed = False  # a second signal must not interrupt the clean-up
-            raise WorkerStopped(signum)
 
 
 # --- the study ----------------------------------------------------------------------------------------
@@ -103,9 +66,12 @@ def join_study(storage: Any, url: str, name: str, spec: StudySpec, sampler: Any,
     mine = canonical(spec.document)
     stored_spec = study.user_attrs.get(SPEC_ATTR)
     if stored_spec is None:
-        study.set_user_attr("study_file", spec.text)
-        study.set_user_attr(SPEC_ATTR, mine)
-        stored_spec = study.user_attrs.get(SPEC_ATTR)  # another worker may have won the race
+        with storage_lock(storage, f"join:{name}"):  # the first worker's file wins; the others compare with it
+            stored_spec = study.user_attrs.get(SPEC_ATTR)
+            if stored_spec is None:
+                study.set_user_attr("study_file", spec.text)
+                study.set_user_attr(SPEC_ATTR, mine)
+                stored_spec = mine
     if stored_spec != mine:
         lines = "\n  ".join(spec_diff(stored_spec, mine))
         raise StudyFileError(f"{spec.source} differs from the study file stored with {where}; this worker "
@@ -124,7 +90,7 @@ def open_existing_study(url: str, name: str) -> tuple[optuna.Study, StudySpec]:
     if SPEC_ATTR not in study.user_attrs:
         raise StudyFileError(f"{where} has no stored study file: no pcvit-worker has joined it yet")
     spec = spec_from_document(study.user_attrs[SPEC_ATTR], where, study.user_attrs.get("study_file", ""))
-    db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period, retry_stale_trial)
+    db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period)
     return optuna.load_study(study_name=name, storage=db), spec
 
 
@@ -150,36 +116,45 @@ def next_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
     if len(earlier) < spec.n_trials:
         return trial
     study._storage.set_trial_system_attr(trial._trial_id, SURPLUS, True)
-    fail_trial(study, frozen, f"surplus: the budget of {spec.n_trials} trials was spent while this worker asked")
+    reason = f"surplus: the budget of {spec.n_trials} trials was spent while this worker asked"
+    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+    fail_if_running(study._storage, trial._trial_id)
     return None
 
 
 # --- the loop -----------------------------------------------------------------------------------------
 def run_worker(study: optuna.Study, spec: StudySpec, objective: Callable[[optuna.Trial], float],
-               max_trials: int | None = None) -> int:
+               max_trials: int | None = None, checkpoints: CheckpointFiles | None = None) -> int:
     """Run trials until the budget is spent (or `max_trials` ran here); return the worker's exit code."""
     guard = SignalGuard()
     ran = failures_in_a_row = 0
-    with guard.installed():
-        while guard.signum is None and (max_trials is None or ran < max_trials):
-            reaped = retry_db(reap_stale_trials, study, spec.grace_period)
-            if reaped:
-                log.warning("reaped dead trials %s", reaped)
-            trial = retry_db(next_trial, study, spec)
-            if trial is None:
-                running = retry_db(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,))
-                if not running:
-                    log.info("the study's budget of %d trials is spent and no trial is left to run", spec.n_trials)
-                    break
-                log.info("budget spent; waiting for running trials %s", [t.number for t in running])
-                guard.event.wait(spec.heartbeat_interval)
-                continue
-            ran += 1
-            outcome = run_trial(study, trial, objective, guard, spec)
-            failures_in_a_row = failures_in_a_row + 1 if outcome == "error" else 0
-            if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-                log.error("%d trials in a row failed with errors: stopping this worker", failures_in_a_row)
-                return 1
+    reaper = Reaper(study, spec.heartbeat_interval, spec.grace_period, spec.max_retries)
+    try:
+        with guard.installed(), reaper:
+            while guard.signum is None and (max_trials is None or ran < max_trials):
+                trial = retry_db(next_trial, study, spec)
+                if trial is None:
+                    unfinished = retry_db(study.get_trials, deepcopy=False,
+                                          states=(TrialState.RUNNING, TrialState.WAITING))
+                    if not unfinished and retry_db(repair_missing_retries, study, spec.max_retries):
+                        continue  # a retry was missing (its reaper died between two writes): run it
+                    if not unfinished:
+                        log.info("the study's budget of %d trials is spent and no trial is left to run",
+                                 spec.n_trials)
+                        if checkpoints is not None:
+                            retry_db(remove_finished_checkpoints, study, checkpoints, spec.max_retries)
+                        break
+                    log.info("budget spent; waiting for running trials %s", [t.number for t in unfinished])
+                    guard.event.wait(spec.heartbeat_interval)
+                    continue
+                ran += 1
+                outcome = run_trial(study, trial, objective, guard, spec, reaper, checkpoints)
+                failures_in_a_row = failures_in_a_row + 1 if outcome == "error" else 0
+                if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                    log.error("%d trials in a row failed with errors: stopping this worker", failures_in_a_row)
+                    return 1
+    except WorkerStopped:
+        pass  # a second signal, outside a trial
     if guard.signum is not None:
         log.warning("stopped by %s", signal.Signals(guard.signum).name)
         return 128 + guard.signum
@@ -187,14 +162,16 @@ def run_worker(study: optuna.Study, spec: StudySpec, objective: Callable[[optuna
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float],
-              guard: SignalGuard, spec: StudySpec) -> str:
-    """One trial, told to the storage whatever happens. Returns complete/pruned/interrupted/oom/error."""
+              guard: SignalGuard, spec: StudySpec, reaper: Reaper, checkpoints: CheckpointFiles | None = None) -> str:
+    """One trial, told to the storage whatever happens. Returns complete/pruned/interrupted/oom/error;
+    an interrupted trial (a signal, the database out of reach) is failed and re-queued."""
     import torch
 
-    retry_db(claim, study, trial)
     value, state, outcome, reason = None, TrialState.FAIL, "error", ""
     try:
-        with Heartbeat(study._storage, trial._trial_id), guard.armed():
+        with reaper.beating(trial._trial_id):  # from the start: a claim held up by an outage is not a death
+            retry_db(claim, study, trial)
+            guard.check()
             value = objective(trial)
         state, outcome = TrialState.COMPLETE, "complete"
     except optuna.TrialPruned as exc:
@@ -202,25 +179,47 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
         log.info("trial %d pruned: %s", trial.number, exc)
     except WorkerStopped as exc:
         outcome, reason = "interrupted", str(exc)
+    except storage.DB_UNREACHABLE as exc:  # an outage longer than retry_db's patience is not the trial's fault
+        outcome, reason = "interrupted", f"database unreachable: {str(exc).splitlines()[0][:200]}"
+        log.warning("trial %d: %s", trial.number, reason)
     except torch.OutOfMemoryError as exc:
         outcome, reason = "oom", f"CUDA out of memory: {str(exc).splitlines()[0]}"
     except Exception as exc:  # noqa: BLE001 - a failed trial is data; the worker goes on
         reason = f"{type(exc).__name__}: {exc}"
         log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
     finally:
+        guard.on_stop = None
         gc.collect()  # drop the dead trial's tensors before the next one allocates
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    frozen = retry_db(study._storage.get_trial, trial._trial_id)
+    if outcome == "interrupted":
+        why = f"trial {trial.number}: {reason}"
+        if retry_db(fail_for_retry, study, frozen, reason):
+            retry_db(requeue, study, retry_db(study._storage.get_trial, trial._trial_id), spec.max_retries, why)
+        return outcome
     try:
         if reason:
             retry_db(trial.set_user_attr, "fail_reason", reason)
         retry_db(study.tell, trial, value, state=state)
     except optuna.exceptions.UpdateFinishedTrialError:
-        log.warning("trial %d was finished by another process (reaped during an outage?)", trial.number)
+        log.warning("trial %d was finished by another process (reaped?)", trial.number)
         return outcome
-    if outcome == "interrupted":
-        frozen = retry_db(study._storage.get_trial, trial._trial_id)
-        retry_db(requeue, study, frozen, spec.max_retries, f"trial {trial.number}: {reason}")
-    elif reason:
+    if reason:
         log.warning("trial %d failed: %s", trial.number, reason)
+    if checkpoints is not None:  # the result is stored: its checkpoints are no longer needed
+        checkpoints.remove_lineage(lineage(study._study_id, frozen))
     return outcome
+
+
+def remove_finished_checkpoints(study: optuna.Study, checkpoints: CheckpointFiles, max_retries: int) -> list[str]:
+    """Remove the checkpoints of this study's finished lineages (left by a worker killed after its result)."""
+    trials = study.get_trials(deepcopy=False)
+    mine = f"s{study._study_id}_"
+    removed = []
+    for name in {lineage_of(file) for file in checkpoints.ids()}:
+        if name and name.startswith(mine) and lineage_done(study._study_id, trials, name, max_retries):
+            removed += checkpoints.remove_lineage(name)
+    if removed:
+        log.info("removed %d checkpoint file(s) of finished trials", len(removed))
+    return removed

@@ -156,8 +156,13 @@ def run_workers_to_the_end(url: str, study_file: pathlib.Path, folder: pathlib.P
     return done, [t for t in done if not t.system_attrs.get("pcvit:surplus")]
 
 
+def checkpoint_epoch(trial: optuna.trial.FrozenTrial) -> int:
+    """The epoch of the trial's latest checkpoint, 0 without one."""
+    return (trial.user_attrs.get("checkpoint") or {}).get("epoch", 0)
+
+
 def running_trial_with_checkpoint(url: str, name: str, min_epoch: int = 1) -> optuna.trial.FrozenTrial | None:
     for t in trials(url, name):
-        if t.state == optuna.trial.TrialState.RUNNING and (t.user_attrs.get("checkpoint_epoch") or 0) >= min_epoch:
+        if t.state == optuna.trial.TrialState.RUNNING and checkpoint_epoch(t) >= min_epoch:
             return t
     return None

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from studies import launch
 from tests import pg
 from tests.helpers import REPO
 
@@ -105,12 +106,15 @@ def test_each_worker_reserves_its_own_gpu():
     assert "profiles" not in SERVICES["worker-gpu0"]  # `docker compose up` starts one worker
 
 
-def test_workers_stop_gracefully_and_restart_on_failure():
+def test_workers_stop_gracefully_and_only_the_launcher_restarts_them():
     for name in WORKERS:
         worker = SERVICES[name]
         assert worker["stop_signal"] == "SIGTERM"
-        assert re.fullmatch(r"\d+s", worker["stop_grace_period"]) and int(worker["stop_grace_period"][:-1]) >= 30
-        assert worker["restart"] == "on-failure"
+        grace = int(re.fullmatch(r"(\d+)s", worker["stop_grace_period"]).group(1))
+        command = worker["command"]
+        assert command[0] == "pcvit-launch" and float(command[command.index("--kill-after") + 1]) < grace
+        # exit 0 (budget spent), 1 (systematic error), 2 (bad input) are final: Docker must not loop on them
+        assert worker["restart"] == "no"
 
 
 def test_published_ports_bind_to_loopback_by_default():
@@ -208,8 +212,11 @@ def test_worker_command_is_the_worker_cli(monkeypatch):
     study_names = set()
     for name in WORKERS:
         command = SERVICES[name]["command"]
-        assert command[0] == "pcvit-worker"
-        args = parse_worker_args(monkeypatch, command[1:])
+        own, worker_args = launch.split_argv(command[1:])
+        launched, unknown = launch.build_parser().parse_known_args(own)
+        assert not unknown
+        assert command[0] == "pcvit-launch" and launched.gpus == "0" and str(launched.log_dir) == launch.STDOUT
+        args = parse_worker_args(monkeypatch, worker_args)
         study_file = REPO / args.study_file
         assert study_file.exists(), f"{name} runs {study_file}, which does not exist"
         study = yaml.safe_load(study_file.read_text())

@@ -30,7 +30,11 @@ for sig in (signal.SIGTERM, signal.SIGINT):
 print("env", json.dumps({"gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "args": args, "pid": os.getpid(),
                          "threads": os.environ.get("OMP_NUM_THREADS")}), flush=True)
 if os.environ.get("CUDA_VISIBLE_DEVICES") == opts.get("--fail-on-gpu"):
-    sys.exit(3)
+    time.sleep(float(opts.get("--fail-after", "0")))
+    sys.exit(int(opts.get("--fail-code", "3")))
+if "--crash-once" in opts and not os.path.exists(opts["--crash-once"] + os.environ["CUDA_VISIBLE_DEVICES"]):
+    open(opts["--crash-once"] + os.environ["CUDA_VISIBLE_DEVICES"], "w").close()
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
 time.sleep(float(opts.get("--sleep", "0")))
 """
 
@@ -111,14 +115,39 @@ def test_cuda_visible_devices_limits_the_gpus(tmp_path, fake_worker, monkeypatch
     assert capsys.readouterr().out.startswith("gpu2-0: CUDA_VISIBLE_DEVICES='2'")
 
 
-def test_failed_worker_makes_the_launch_fail_with_a_summary(tmp_path, fake_worker, capsys):
-    code = launch.main(launcher_args(tmp_path, fake_worker, "--gpus", "0,1") + ["--", "--fail-on-gpu", "1"])
-    assert code == 1
+@pytest.mark.parametrize("code", [1, 2])
+def test_bad_input_or_repeated_failures_are_not_restarted_and_fail_the_launch(tmp_path, fake_worker, capsys, code):
+    args = launcher_args(tmp_path, fake_worker, "--gpus", "0,1", "--restart-backoff", "0.1")
+    assert launch.main(args + ["--", "--fail-on-gpu", "1", "--fail-code", str(code), "--sleep", "1"]) == 1
     out = capsys.readouterr().out
-    assert "2 workers finished, 1 failed" in out
+    assert "2 workers finished, 1 failed, 0 restarts" in out and "restarting" not in out
     summary = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert "exit 0" in summary["gpu0-0"] and "FAILED" not in summary["gpu0-0"]
-    assert "exit 3" in summary["gpu1-0"] and "FAILED" in summary["gpu1-0"]
+    assert f"exit {code}" in summary["gpu1-0"] and "FAILED" in summary["gpu1-0"]
+
+
+def test_a_killed_worker_is_restarted_and_the_launch_succeeds(tmp_path, fake_worker, capsys):
+    args = launcher_args(tmp_path, fake_worker, "--gpus", "0,1", "--restart-backoff", "0.1")
+    assert launch.main(args + ["--", "--crash-once", str(tmp_path / "crashed-gpu"), "--sleep", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished: killed by SIGKILL") == 2 and out.count("restarted: pid") == 2
+    assert "2 workers finished, 0 failed, 2 restarts" in out
+    assert out.count("restarted 1x after: killed by SIGKILL") == 2
+
+
+def test_a_crashing_worker_is_restarted_at_most_max_restarts_times(tmp_path, fake_worker, capsys):
+    args = launcher_args(tmp_path, fake_worker, "--gpus", "0", "--restart-backoff", "0.05", "--max-restarts", "2")
+    assert launch.main(args + ["--", "--fail-on-gpu", "0", "--fail-code", "3"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("finished: exit 3") == 3 and "1 failed, 2 restarts" in out
+
+
+def test_a_worker_dead_after_the_budget_was_spent_is_not_restarted_nor_a_failure(tmp_path, fake_worker, capsys):
+    args = launcher_args(tmp_path, fake_worker, "--gpus", "0,1", "--restart-backoff", "0.1")
+    assert launch.main(args + ["--", "--fail-on-gpu", "1", "--fail-code", "137", "--fail-after", "1"]) == 0
+    out = capsys.readouterr().out  # gpu0 exits 0 at once: the budget is spent; gpu1 dies a second later
+    assert "worker gpu1-0 finished: exit 137" in out and "restarting" not in out
+    assert "2 workers finished, 0 failed, 0 restarts" in out
 
 
 def start_launcher(tmp_path, fake_worker, *args: str) -> subprocess.Popen:

@@ -85,3 +85,8 @@ def test_no_import_circles():
 
     circles = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if reaches(b, a, set()))
     assert not circles, f"imports in a circle: {circles}"
+def test_storage_knows_no_trials():
+    """storage/ is where data lives; logic that knows trials and studies (reaping, retries) is the runner's."""
+    for path in (PCVIT.parent / "storage").rglob("*.py"):
+        leaked = imported_top_level_names(path) & {"studies", "objective", "pcvit"}
+        assert not leaked, f"storage/{path.name} imports {sorted(leaked)}"

@@ -65,8 +65,7 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
         assert t.value == max(t.intermediate_values.values()) == t.user_attrs["best_probe_accuracy"]
         assert set(RECORD) <= set(t.user_attrs) and t.user_attrs["epochs_run"] == 3
         assert {"torch", "optuna", "python", "code"} <= set(t.user_attrs["versions"])
-        assert t.user_attrs["seed"] == 10 and t.user_attrs["checkpoint_artifact_id"] is None
-        assert t.user_attrs["checkpoint_epoch"] is None  # no epoch named for a checkpoint that is gone
+        assert t.user_attrs["seed"] == 10 and t.user_attrs["checkpoint"]["trained"]
         assert t.user_attrs["best_train_mse"] == float(f"{t.user_attrs['best_train_mse']:.4g}")
         assert t.value == float(f"{t.value:.6g}")
         note = get_note(optuna.Trial(study, t._trial_id))
@@ -172,20 +171,23 @@ def test_pruner_stops_a_clearly_bad_trial_and_keeps_a_good_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_diverged_trial_is_pruned_with_its_reason_and_the_worker_goes_on(tmp_path):
+def test_diverged_trial_keeps_its_probe_or_is_pruned_without_one_and_the_worker_goes_on(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    study_file = tiny_study(tmp_path, n_trials=2, fixed={"h_grad_clip_norm": 1e30},
-                            space={"peak_lr_hidden": {"type": "float", "low": 0.05, "high": 1000.0, "log": True}})
+    study_file = tiny_study(tmp_path, n_trials=3, fixed={"w_grad_clip_norm": 1e30, "warmup_steps": 2},
+                            space={"peak_lr_weights": {"type": "float", "low": 1e-4, "high": 1e8, "log": True}})
     study = optuna.create_study(study_name="tiny", storage=storage.open_storage(url), direction="maximize")
-    study.enqueue_trial({"peak_lr_hidden": 1000.0})
-    study.enqueue_trial({"peak_lr_hidden": 0.08})
+    for lr in (1e3, 1e8, 1e-3):  # diverges in epoch 2 after one probe; in epoch 1 before any; never
+        study.enqueue_trial({"peak_lr_weights": lr})
     assert run_main(url, study_file, tmp_path / "art") == 0
-    diverged, fine = load(url).trials
-    assert diverged.state == TrialState.PRUNED and fine.state == TrialState.COMPLETE
-    assert diverged.user_attrs["diverged"] is True
-    assert 1 <= diverged.user_attrs["epoch"] == diverged.user_attrs["divergence_epoch"] <= 3
-    assert "non-finite" in diverged.user_attrs["reason"] and diverged.user_attrs["stop_reason"] == "diverged"
-    assert fine.user_attrs["diverged"] is False
+    after_probe, before_probe, fine = load(url).trials
+    assert after_probe.state == TrialState.COMPLETE and after_probe.user_attrs["divergence_epoch"] == 2
+    assert after_probe.value == after_probe.user_attrs["best_probe_accuracy"] == after_probe.intermediate_values[1]
+    assert before_probe.state == TrialState.PRUNED and before_probe.user_attrs["divergence_epoch"] == 1
+    for diverged in (after_probe, before_probe):
+        assert diverged.user_attrs["diverged"] is True and diverged.user_attrs["stop_reason"] == "diverged"
+        assert diverged.user_attrs["epoch"] == diverged.user_attrs["divergence_epoch"]
+        assert "non-finite" in diverged.user_attrs["reason"]
+    assert fine.state == TrialState.COMPLETE and fine.user_attrs["diverged"] is False
 
 
 def test_out_of_memory_fails_the_trial_with_its_reason_and_the_worker_goes_on(tmp_path):

@@ -13,17 +13,21 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+import objective
 import storage
 from pcvit import Config, train
-from storage.recovery import OWNER, Heartbeat, fail_trial, requeue, retry_stale_trial
+from studies.owners import OWNER
+from studies.reaper import Reaper, StalenessWatch
+from studies.retries import fail_for_retry, requeue
+from storage.checkpoints import CheckpointFiles
 from studies import cli
 from studies.replay import trial_config
 from studies.report import outcome_trials
 from studies.search import build_pruner, build_sampler
 from studies.spec import load_spec
 from studies.worker import join_study
-from tests.helpers import (finish, run_workers_to_the_end, running_trial_with_checkpoint, start_worker, tiny_study,
-                           trials, wait_for)
+from tests.helpers import (checkpoint_epoch, finish, run_workers_to_the_end, running_trial_with_checkpoint,
+                           start_worker, tiny_study, trials, wait_for)
 
 LONG = {"epochs": 12, "use_early_stopping": False}  # ~0.3 s an epoch: long enough to be killed midway
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage", "ignore::optuna.exceptions.ExperimentalWarning")
@@ -33,7 +37,7 @@ def assert_resumed(retry: optuna.trial.FrozenTrial, failed: optuna.trial.FrozenT
     """The retry went on from its predecessor's checkpoint with the predecessor's earlier reports
     (and, when it finished, reported every one of the `epochs` exactly once)."""
     resumed = retry.user_attrs["resumed_after_epoch"]
-    assert resumed >= 1 and resumed == failed.user_attrs["checkpoint_epoch"]
+    assert resumed >= 1 and resumed == checkpoint_epoch(failed)
     assert retry.system_attrs["retry_history"][-1] == failed.number and retry.params == failed.params
     assert {s: v for s, v in retry.intermediate_values.items() if s <= resumed} == \
            {s: v for s, v in failed.intermediate_values.items() if s <= resumed}
@@ -57,7 +61,7 @@ def test_stopped_then_killed_worker_lose_nothing_and_the_trial_resumes_exactly(t
     stopped, retry = trials(url, "tiny")
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "worker stopped by SIGTERM"
     assert retry.state == TrialState.WAITING and retry.system_attrs["retry_history"] == [0]
-    checkpoint = retry.user_attrs["checkpoint_epoch"]
+    checkpoint = checkpoint_epoch(retry)
     assert checkpoint % 2 == 0 and list(retry.intermediate_values) == list(range(1, checkpoint + 1))
 
     # SIGKILL of the worker running the retry: a zombie until `pcvit-study reap` (or any worker) looks
@@ -87,13 +91,13 @@ def test_stopped_then_killed_worker_lose_nothing_and_the_trial_resumes_exactly(t
 
 def open_study(url, study_file):
     spec = load_spec(study_file)
-    db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period, retry_stale_trial)
+    db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period)
     return join_study(db, url, spec.name, spec, build_sampler(spec, 1), build_pruner(spec)), spec
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 @pytest.mark.slow
-def test_heartbeat_reaps_a_silent_trial_of_another_machine_not_a_live_one(backend, tmp_path, request, capsys):
+def test_background_reaper_requeues_a_silent_trial_of_another_machine_not_a_live_one(backend, tmp_path, request):
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path}/s.db"
     else:
@@ -101,28 +105,62 @@ def test_heartbeat_reaps_a_silent_trial_of_another_machine_not_a_live_one(backen
     study, spec = open_study(url, tiny_study(tmp_path, heartbeat_interval=1, grace_period=2))
     silent, live = study.ask(), study.ask()
     for trial in (silent, live):  # workers elsewhere: no process id to check here, only heartbeats
-        study._storage.set_trial_system_attr(trial._trial_id, OWNER, "elsewhere|pid:[1]|1|1")
+        study._storage.set_trial_system_attr(trial._trial_id, OWNER, "elsewhere/boot|pid:[1]|1|1")
     study._storage.record_heartbeat(silent._trial_id)
-    with Heartbeat(study._storage, live._trial_id):
-        wait_for(lambda: cli.main(["reap", "--storage", url, "--study-name", "tiny"]) == 0
-                 and "reaped 1" in capsys.readouterr().out, 15, "the silent trial to be reaped", interval=0.5)
+    with Reaper(study, spec.heartbeat_interval, spec.grace_period, spec.max_retries) as reaper, \
+            reaper.beating(live._trial_id):
+        wait_for(lambda: reaper.reaped, 20, "the silent trial to be reaped", interval=0.5)
         states = {t.number: t.state for t in study.trials}
+    assert reaper.reaped == [0]
     assert states == {0: TrialState.FAIL, 1: TrialState.RUNNING, 2: TrialState.WAITING}
     assert "stopped sending heartbeats" in study.trials[2].user_attrs["retry_reason"]
+
+
+def test_staleness_is_measured_only_while_the_database_answers():
+    watch = StalenessWatch(grace_period=10)
+    assert watch.stale({1: "beat-a", 2: "beat-a"}, now=0) == set()
+    assert watch.stale({1: "beat-a", 2: "beat-b"}, now=11) == {1}  # 2 beat meanwhile
+    watch.forget()  # an outage: its length says nothing about the workers
+    assert watch.stale({1: "beat-a", 2: "beat-b"}, now=100) == set()
+    assert watch.stale({1: "beat-a", 2: "beat-c"}, now=105) == set()
+    assert watch.stale({1: "beat-a", 2: "beat-c"}, now=111) == {1}
+    assert watch.stale({1: "beat-a", 2: "beat-c"}, now=116) == {1, 2}
+
+
+def test_a_trained_trial_killed_before_its_result_was_stored_is_recorded_not_retrained(tmp_path, one_thread, caplog):
+    url, art = f"sqlite:///{tmp_path}/s.db", tmp_path / "art"
+    study_file = tiny_study(tmp_path, n_trials=1)
+    study, spec = open_study(url, study_file)
+    trial = study.ask()
+    files = CheckpointFiles(art)
+    value = objective.objective(trial, spec, storage.artifact_store(str(art)), files)  # trained; never told
+    trained = study._storage.get_trial(trial._trial_id)
+    assert trained.state == TrialState.RUNNING and trained.user_attrs["checkpoint"]["trained"]
+    assert files.ids() == [trained.user_attrs["checkpoint"]["id"]]  # kept until the result is stored
+    assert fail_for_retry(study, trained, "test: killed after training")
+    requeue(study, study._storage.get_trial(trial._trial_id), spec.max_retries, "test: killed after training")
+
+    with caplog.at_level("INFO", logger="pcvit.objective"):
+        assert objective.main(["--storage", url, "--study-file", str(study_file), "--artifact-dir", str(art)]) == 0
+    _, retry = study.get_trials()
+    assert retry.state == TrialState.COMPLETE and retry.value == value
+    assert retry.user_attrs["resumed_after_epoch"] == 3 and retry.intermediate_values == trained.intermediate_values
+    assert "recording its result without training again" in caplog.text
+    assert files.ids() == []
 
 
 def test_a_trial_is_retried_at_most_max_retries_times(tmp_path):
     study, spec = open_study(f"sqlite:///{tmp_path}/s.db", tiny_study(tmp_path, max_retries=1))
     first = study.ask()
-    assert fail_trial(study, study._storage.get_trial(first._trial_id), "test")
+    assert fail_for_retry(study, study._storage.get_trial(first._trial_id), "test")
     assert requeue(study, study._storage.get_trial(first._trial_id), spec.max_retries, "test") == 1
     retry = study.ask()  # pops the retry
     assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(
         study._storage.get_trial(retry._trial_id)) == 0  # Optuna's own helpers understand our retries
-    assert fail_trial(study, study._storage.get_trial(retry._trial_id), "test")
+    assert fail_for_retry(study, study._storage.get_trial(retry._trial_id), "test")
     assert requeue(study, study._storage.get_trial(retry._trial_id), spec.max_retries, "test") is None
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
-    assert not fail_trial(study, study.trials[0], "again")  # a finished trial is not failed twice
+    assert not fail_for_retry(study, study.trials[0], "again")  # a finished trial is not failed twice
 
 
 @pytest.mark.slow
@@ -148,7 +186,7 @@ def test_killed_and_stopped_workers_lose_nothing_on_postgresql(postgres_server, 
     def trial_of(process):
         for t in trials(url, "tiny"):
             if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(f":{process.pid}") \
-                    and (t.user_attrs.get("checkpoint_epoch") or 0) >= 2:
+                    and checkpoint_epoch(t) >= 2:
                 return t
         return None
 

@@ -3,6 +3,8 @@ sharing PostgreSQL: test_recovery.)"""
 
 from __future__ import annotations
 
+import threading
+
 import optuna
 import pytest
 
@@ -33,6 +35,28 @@ def test_bad_url_is_a_clear_error_naming_it(url, words):
     assert words in message
     assert "s3cret" not in message
     assert storage.mask_password(url).split("://")[0] in message
+    # only a server that did not answer is worth waiting for
+    assert isinstance(info.value, storage.StorageUnreachable) == ("127.0.0.1:1/" in url)
+
+
+def test_a_starting_worker_waits_for_a_server_that_does_not_answer_yet(postgres_server):
+    if not getattr(postgres_server, "can_restart", False):
+        pytest.skip("the test server is not ours to stop")
+    url = postgres_server.new_database("storage_wait")
+    postgres_server.stop()
+    waiter = threading.Timer(3, postgres_server.start)
+    waiter.start()
+    try:
+        opened = storage.wait_for_storage(url, patience_s=60)
+    finally:
+        waiter.join()
+    assert optuna.create_study(storage=opened, study_name="after-the-wait").study_name == "after-the-wait"
+    postgres_server.stop()
+    try:
+        with pytest.raises(storage.StorageUnreachable, match="onnection refused"):
+            storage.wait_for_storage(url, patience_s=1)
+    finally:
+        postgres_server.start()
 
 
 def test_journal_url_forms(tmp_path):

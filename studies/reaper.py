@@ -1,0 +1,172 @@
+"""No zombie trials: a thread in every worker beats for its own trial and re-queues the trials of dead workers.
+
+A trial whose worker dies (SIGKILL, OOM killer, node loss) stays RUNNING in the storage. Every worker runs
+a `Reaper` thread for its whole life, so a dead trial is re-queued within the grace period even while all
+workers are busy training. A RUNNING trial is reaped when
+* its owner (see `studies.owners`) is a process on this machine that is gone: at once; or
+* its heartbeat (SQLite, PostgreSQL) has not changed for `grace_period` seconds that this reaper itself
+  watched with the database reachable. After an outage every clock starts again, so an outage longer
+  than the grace period reaps nothing that is alive. A trial that is alive on this machine is never reaped.
+The journal file has no heartbeat: there, only owners on this machine are judged (and unclaimed trials).
+Reaping fails the trial and queues exactly one retry (`studies.retries`); the thread also repairs a
+FAIL trial whose retry went missing. `reap_once` without a watch (`pcvit-study reap`) trusts the
+database's clock instead, as Optuna does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Any, Iterator
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from storage.locks import rdb_or_journal
+from studies.owners import OWNER, owner_is_alive, owner_is_dead
+from studies.retries import fail_for_retry, repair_missing_retries, requeue
+
+log = logging.getLogger("pcvit.reaper")
+
+
+class StalenessWatch:
+    """Heartbeat values seen unchanged for longer than `grace_period` seconds of observed, reachable time."""
+
+    def __init__(self, grace_period: float):
+        self.grace_period = grace_period
+        self.seen: dict[int, tuple[Any, float]] = {}  # trial id -> (heartbeat value, monotonic time first seen)
+
+    def forget(self) -> None:
+        """The database could not be read: what happened meanwhile is unknown, so every clock restarts."""
+        self.seen.clear()
+
+    def stale(self, beats: dict[int, Any], now: float | None = None) -> set[int]:
+        now = time.monotonic() if now is None else now
+        seen = {}
+        for trial_id, beat in beats.items():
+            earlier = self.seen.get(trial_id)
+            seen[trial_id] = earlier if earlier is not None and earlier[0] == beat else (beat, now)
+        self.seen = seen
+        return {trial_id for trial_id, (_, since) in seen.items() if now - since > self.grace_period}
+
+
+def has_heartbeats(storage: Any) -> bool:
+    return bool(getattr(storage, "get_heartbeat_interval", lambda: None)())
+
+
+def heartbeats(study: optuna.Study) -> dict[int, Any]:
+    """{trial id: last heartbeat (None if never)} of the study's RUNNING trials, in one query."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    engine = rdb_or_journal(study._storage).engine
+    trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
+    query = (sqlalchemy.select(trials.c.trial_id, beats.c.heartbeat)
+             .select_from(trials.outerjoin(beats, beats.c.trial_id == trials.c.trial_id))
+             .where(trials.c.study_id == study._study_id, trials.c.state == TrialState.RUNNING))
+    with engine.connect() as conn:
+        return {trial_id: beat for trial_id, beat in conn.execute(query)}
+
+
+def reap_once(study: optuna.Study, grace_period: float, max_retries: int,
+              watch: StalenessWatch | None = None) -> list[int]:
+    """Fail and re-queue the RUNNING trials whose worker is gone; return the numbers this call reaped."""
+    storage = study._storage
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    beating = has_heartbeats(storage)
+    if beating and watch is not None:
+        stale = watch.stale(heartbeats(study))
+    elif beating:
+        stale = set(storage._get_stale_trial_ids(study._study_id))
+    else:  # journal: an unclaimed trial is judged by the time since it started
+        now = time.time()
+        stale = {t._trial_id for t in running
+                 if t.datetime_start and now - t.datetime_start.timestamp() > grace_period}
+    reaped = []
+    for trial in running:
+        reason = dead_reason(trial, trial._trial_id in stale, beating, grace_period)
+        if reason and fail_for_retry(study, trial, reason):
+            requeue(study, storage.get_trial(trial._trial_id), max_retries, reason)
+            reaped.append(trial.number)
+    repair_missing_retries(study, max_retries)
+    return reaped
+
+
+def dead_reason(trial: FrozenTrial, stale: bool, beating: bool, grace_period: float) -> str | None:
+    """Why `trial` counts as dead, or None when it may be alive."""
+    owner = trial.system_attrs.get(OWNER)
+    if owner is not None and owner_is_alive(owner):
+        return None
+    if owner is not None and owner_is_dead(owner):
+        return f"trial {trial.number}: its worker process ({trial.user_attrs.get('worker')}) is gone"
+    if not stale:
+        return None
+    if owner is None:
+        return f"trial {trial.number}: never claimed by a worker within {grace_period:g} s"
+    if beating:
+        return f"trial {trial.number}: its worker stopped sending heartbeats ({grace_period:g} s)"
+    return None  # journal, another machine: nothing can tell
+
+
+class Reaper:
+    """The worker's background thread: every heartbeat interval, beat for the trial it runs, then reap."""
+
+    def __init__(self, study: optuna.Study, interval: float, grace_period: float, max_retries: int):
+        self.study, self.interval, self.max_retries = study, interval, max_retries
+        self.watch = StalenessWatch(grace_period)
+        self.trial_id: int | None = None
+        self.reaped: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
+        self._outage = False
+
+    def __enter__(self) -> "Reaper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @contextlib.contextmanager
+    def beating(self, trial_id: int) -> Iterator[None]:
+        """Beat for `trial_id` while the block runs (a first beat at once)."""
+        self.trial_id = trial_id
+        self._beat()
+        try:
+            yield
+        finally:
+            self.trial_id = None
+
+    def _beat(self) -> None:
+        trial_id = self.trial_id
+        if trial_id is None or not has_heartbeats(self.study._storage):
+            return
+        try:
+            self.study._storage.record_heartbeat(trial_id)
+        except Exception as exc:  # noqa: BLE001 - keep beating through a database restart
+            self._unreachable(f"heartbeat of trial id {trial_id}", exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+            try:
+                reaped = reap_once(self.study, self.watch.grace_period, self.max_retries, self.watch)
+            except Exception as exc:  # noqa: BLE001 - an outage: judge nothing until it is over
+                self._unreachable("reaping", exc)
+                continue
+            if self._outage:
+                log.warning("database reachable again; staleness is measured from now on")
+                self._outage = False
+            if reaped:
+                log.warning("reaped dead trials %s", reaped)
+                self.reaped += reaped
+
+    def _unreachable(self, what: str, exc: Exception) -> None:
+        self.watch.forget()
+        if not self._outage:
+            log.warning("%s failed, database unreachable? (%s: %s); retrying every %g s", what,
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", self.interval)
+        self._outage = True
