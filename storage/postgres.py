@@ -95,7 +95,7 @@ def check_connection_budget(
     except sqlalchemy.exc.SQLAlchemyError as exc:  # wrong password, no server, no such database
         engine.dispose()
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise StorageError(f"cannot connect to {masked}: {reason}") from None
+        raise storage_error(f"cannot connect to {masked}", reason) from None  # refused: worth waiting for
     try:
         with conn:
             max_connections = int(conn.exec_driver_sql("SHOW max_connections").scalar_one())

@@ -205,6 +205,14 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning("trial %d was finished by another process (reaped?)", trial.number)
         return outcome
+    except ValueError as exc:  # "Cannot tell a COMPLETE trial": a tell whose commit went through before an outage
+        told = retry_db(study._storage.get_trial, trial._trial_id)
+        if not told.state.is_finished():
+            raise
+        log.warning("trial %d was already told (%s; a retried write had gone through): %s", trial.number,
+                    told.state.name, exc)
+        if told.state != state:
+            return outcome  # finished otherwise (reaped): not ours to clean up
     if reason:
         log.warning("trial %d failed: %s", trial.number, reason)
     if checkpoints is not None:  # the result is stored: its checkpoints are no longer needed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import socket
@@ -36,8 +37,9 @@ def answers(url: str) -> bool:
         return False
 
 
-@pytest.mark.slow
-def test_dashboard_shows_trials_intermediate_values_and_artifacts(tmp_path, one_thread):
+@contextlib.contextmanager
+def dashboard_of_one_trial(tmp_path: pathlib.Path):
+    """A worker runs one tiny trial, then optuna-dashboard serves its storage; yields the dashboard's base URL."""
     url, art = f"sqlite:///{tmp_path}/s.db", tmp_path / "art"
     assert objective.main(["--storage", url, "--study-file", str(tiny_study(tmp_path, n_trials=1)),
                            "--artifact-dir", str(art)]) == 0
@@ -48,6 +50,16 @@ def test_dashboard_shows_trials_intermediate_values_and_artifacts(tmp_path, one_
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: answers(f"{base}/api/studies"), 60, "the dashboard to answer", interval=0.5)
+        yield base
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_dashboard_shows_trials_intermediate_values_and_artifacts(tmp_path, one_thread):
+    with dashboard_of_one_trial(tmp_path) as base:
         (study,) = [s for s in json.loads(get(f"{base}/api/studies"))["study_summaries"] if s["study_name"] == "tiny"]
         detail = json.loads(get(f"{base}/api/studies/{study['study_id']}"))
         (trial,) = detail["trials"]
@@ -64,7 +76,3 @@ def test_dashboard_shows_trials_intermediate_values_and_artifacts(tmp_path, one_
         metrics = get(f"{base}/artifacts/{study['study_id']}/{trial['trial_id']}/"
                       f"{artifacts['metrics.jsonl']['artifact_id']}").decode()
         assert [json.loads(line)["epoch"] for line in metrics.splitlines()] == [1, 2, 3]
-    finally:
-        dashboard.terminate()
-        dashboard.wait(timeout=30)
-        log.close()

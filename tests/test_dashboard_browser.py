@@ -4,13 +4,11 @@ page shows its note, its curves image and its reconstruction grid, each rendered
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 
-import objective
-from tests.helpers import tiny_study, wait_for, worker_env
-from tests.test_dashboard import DASHBOARD, answers, free_port
+from tests.helpers import wait_for
+from tests.test_dashboard import dashboard_of_one_trial
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -48,16 +46,7 @@ def rendered_images(driver) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_the_note_curves_and_reconstruction_render_in_a_browser(tmp_path, one_thread, browser):
-    url, art = f"sqlite:///{tmp_path}/s.db", tmp_path / "art"
-    assert objective.main(["--storage", url, "--study-file", str(tiny_study(tmp_path, n_trials=1)),
-                           "--artifact-dir", str(art)]) == 0
-    port = free_port()
-    log = open(tmp_path / "dashboard.log", "wb")
-    dashboard = subprocess.Popen([DASHBOARD, url, "--host", "127.0.0.1", "--port", str(port),
-                                  "--artifact-dir", str(art)], stdout=log, stderr=subprocess.STDOUT, env=worker_env())
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: answers(f"{base}/api/studies"), 60, "the dashboard to answer", interval=0.5)
+    with dashboard_of_one_trial(tmp_path) as base:
         note = page_text(browser, f"{base}/dashboard/studies/1/note", "Success targets")
         assert "Study tiny: maximize best_probe_accuracy" in note and "linear probe accuracy > 35%" in note
         assert "The study file" in note and "linear_probe_vode_indices" in note
@@ -68,7 +57,3 @@ def test_the_note_curves_and_reconstruction_render_in_a_browser(tmp_path, one_th
                           i.get("reconstruction_epoch003.png") and i, 60, "the trial's images to load")
         assert images["curves.png"] >= 800 and images["reconstruction_epoch003.png"] >= 384
         browser.save_screenshot(str(tmp_path / "trial.png"))
-    finally:
-        dashboard.terminate()
-        dashboard.wait(timeout=30)
-        log.close()

@@ -110,7 +110,7 @@ def test_a_trial_replays_exactly_from_the_storage(tmp_path, capsys):
     assert cli.main(["replay", "--storage", url, "--study-name", "tiny", "1", "--no-progress",
                      "--out", str(tmp_path / "run"), "--summary-json", str(summary)]) == 0
     assert json.loads(summary.read_text())["probe_accuracies"] == replay.probe_accuracies
-    assert cli.main(["show-config", "--storage", url, "--study-name", "tiny", "7"]) == 1
+    assert cli.main(["show-config", "--storage", url, "--study-name", "tiny", "7"]) == 2
     assert "has no trial 7" in capsys.readouterr().err
 
 
