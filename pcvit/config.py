@@ -216,6 +216,8 @@ def coerce(name: str, value: Any) -> Any:
                 value = [value]
             return tuple(int(v) for v in value)
         if kind is str:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)  # `--set residual_branch_scale=1` reads 1 as a number
             if not isinstance(value, str):
                 raise ValueError(value)
             return value

@@ -198,3 +198,12 @@ def test_vode_grad_norm_gives_every_node_the_same_step_in_every_implementation()
     off = tiny_model(tiny_config(num_blocks=3))
     end = settle_states(off, x, start, 1, lambda t: 0.1, 0.0, 1e9, layer_scales(off.config))
     assert (end.top - start.top).norm().item() != pytest.approx(0.05, rel=1e-2)  # off by default
+
+
+def test_a_numeric_choice_given_on_the_command_line_reads_as_its_text():
+    from pcvit.config import coerce
+
+    assert coerce("residual_branch_scale", 1) == "1" and tiny_config(residual_branch_scale=coerce(
+        "residual_branch_scale", 1)).branch_scale == 1.0
+    with pytest.raises(ConfigError, match="residual_branch_scale"):
+        tiny_config(residual_branch_scale=coerce("residual_branch_scale", 0.5))  # "0.5" is not a choice
