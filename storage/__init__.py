@@ -139,6 +139,9 @@ def open_storage(
             time.sleep(0.2 + random.random())
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, RuntimeError) as exc:  # Runtime: old schema
             raise storage_error(f"{shown}: cannot open the storage", getattr(exc, "orig", None) or exc) from None
+        except optuna.exceptions.StorageInternalError as exc:  # Optuna's wrapping of the same: read its cause
+            cause = exc.__cause__ or exc
+            raise storage_error(f"{shown}: cannot open the storage", getattr(cause, "orig", None) or cause) from None
 
 
 def _schema_lock(url: str) -> contextlib.AbstractContextManager:

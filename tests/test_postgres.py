@@ -184,3 +184,35 @@ def test_test_server_restarts_on_its_port_with_its_data(small_server):
             conn.exec_driver_sql("SELECT x FROM t")
     finally:
         engine.dispose()
+
+
+def test_a_server_that_refuses_connections_is_an_outage_to_wait_for_not_bad_input():
+    """A refused connection is StorageUnreachable (the worker waits for it), not an error in its input."""
+    import socket
+
+    from storage import StorageUnreachable, open_storage
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(StorageUnreachable, match="(?i)refused"):
+        open_storage(f"postgresql+psycopg2://pcvit@127.0.0.1:{port}/none")
+
+
+def test_a_refusal_wrapped_by_optuna_while_it_opens_the_storage_is_an_outage(tmp_path, monkeypatch):
+    """The server can go away between Optuna creating its tables and reading its schema version: Optuna then
+    raises StorageInternalError from the refused connection. That race cannot be timed in a test, so Optuna's
+    constructor is made to raise exactly that; the storage layer must read the cause and call it an outage."""
+    import optuna
+
+    from storage import StorageUnreachable, open_storage
+
+    def refused(*args, **kwargs):
+        try:
+            raise sqlalchemy.exc.OperationalError("connect", {}, Exception("Connection refused"))
+        except sqlalchemy.exc.OperationalError as exc:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", refused)
+    with pytest.raises(StorageUnreachable, match="(?i)refused"):
+        open_storage(f"sqlite:///{tmp_path}/s.db")
