@@ -106,6 +106,8 @@ def next_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
     waiting = any(t.state == TrialState.WAITING for t in trials)
     if not waiting and len(fresh_trials(trials)) >= spec.n_trials:
         return None
+    if not waiting and isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study):
+        return None  # every grid point has run: a new trial would repeat one
     with warnings.catch_warnings():  # we run our own loop (and heartbeat) instead of Study.optimize
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         trial = study.ask()
@@ -139,8 +141,8 @@ def run_worker(study: optuna.Study, spec: StudySpec, objective: Callable[[optuna
                     if not unfinished and retry_db(repair_missing_retries, study, spec.max_retries):
                         continue  # a retry was missing (its reaper died between two writes): run it
                     if not unfinished:
-                        log.info("the study's budget of %d trials is spent and no trial is left to run",
-                                 spec.n_trials)
+                        log.info("the study's budget of %d trials (or its grid) is spent and no trial is left "
+                                 "to run", spec.n_trials)
                         if checkpoints is not None:
                             retry_db(remove_finished_checkpoints, study, checkpoints, spec.max_retries)
                         break
@@ -205,6 +207,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning("trial %d was finished by another process (reaped?)", trial.number)
         return outcome
+    except RuntimeError as exc:  # the grid sampler calls Study.stop() after the last point, outside Study.optimize
+        if "Study.stop" not in str(exc):
+            raise
+        log.info("trial %d was the last point of the grid", trial.number)  # its state was stored all the same
     except ValueError as exc:  # "Cannot tell a COMPLETE trial": a tell whose commit went through before an outage
         told = retry_db(study._storage.get_trial, trial._trial_id)
         if not told.state.is_finished():

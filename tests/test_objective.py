@@ -266,3 +266,15 @@ def test_the_default_pruner_waits_three_probes_without_improvement():
         prunes.append(trial.should_prune())
     # epoch 30 is the last improvement; 40, 50, 60 do not improve: pruned at 60, the third, not at 50
     assert prunes == [False, False, False, False, False, True, True]
+
+
+def test_a_grid_study_runs_every_point_once_and_the_worker_ends_cleanly(tmp_path):
+    """Optuna's GridSampler calls Study.stop() after the last point, which raises outside Study.optimize; the
+    worker must store that trial, not start another (it would repeat a point), and exit 0."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_file = tiny_study(tmp_path, n_trials=5, sampler={"type": "grid"}, fixed={"epochs": 1},
+                            space={"hidden_momentum": {"type": "categorical", "choices": [0.3, 0.4]}})
+    assert run_main(url, study_file, tmp_path / "art") == 0
+    trials = load(url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert sorted(t.params["hidden_momentum"] for t in trials) == [0.3, 0.4]
