@@ -14,11 +14,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 
 from pcvit.cli import main as train_main
 from pcvit.config import Config
 from storage import mask_password
+from studies.search import suggest_config
 from studies.spec import StudyFileError
 from studies.worker import open_existing_study
 
@@ -29,7 +31,10 @@ def trial_config(url: str, study_name: str, number: int) -> dict[str, Any]:
     found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
     if not found:
         raise StudyFileError(f"study {study_name!r} in {mask_password(url)} has no trial {number}")
-    values = spec.trial_config(found[0].params)
+    try:  # the inverse of sampling is sampling with the trial's own params
+        values = suggest_config(optuna.trial.FixedTrial(found[0].params), spec)
+    except ValueError as exc:  # a param the stored study file samples but the trial lacks
+        raise StudyFileError(f"trial {number} of study {study_name!r}: {exc}") from None
     return {**values, "seed": found[0].user_attrs.get("seed", values.get("seed", Config.seed))}
 
 

@@ -106,10 +106,6 @@ class StudySpec:
         """The config a trial runs with: fixed settings plus the sampled `values` (config field -> value)."""
         return {**self.fixed, **values}
 
-    def trial_config(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The config of a trial that has these Optuna params (the inverse of suggesting them)."""
-        return self.config_dict({name: param_value(params, name, p) for name, p in self.space.items()})
-
 
 def param_value(params: dict[str, Any], name: str, param: dict) -> Any:
     """The value Optuna params give parameter `name`: for zero_or_log, 0 when its `<name>_is_zero` flag is set."""
