@@ -98,7 +98,7 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
         hidden_energy = hidden_energy + c.intermediate_l1_coeff * torch.linalg.vector_norm(hidden, 1)
     if c.intermediate_l2_coeff:
         hidden_energy = hidden_energy + c.intermediate_l2_coeff * _sumsq(hidden)
-    energy = hidden_energy + 0.5 * _sumsq(e_sense) if w == 1 else w * hidden_energy + 0.5 * _sumsq(e_sense)
+    energy = w * hidden_energy + 0.5 * _sumsq(e_sense)
     if w != 1:
         e_sense = e_sense / w
 

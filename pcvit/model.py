@@ -175,18 +175,12 @@ class PCViT(nn.Module):
         sensory = 0.5 * (x - u_s).square().sum(dim=(1, 2, 3))  # (B,)
         return torch.cat([per_node.T, sensory[:, None]], dim=1)
 
-    def node_weights(self) -> Tensor:
-        """Weight of each node's energy in the total, (L+2,) for E_1..E_{L+1}, E_s: ones (`energy_weighting: sum`,
-        the original), or image elements / node elements (`mean`: per-element energies on the image's scale)."""
-        weights = torch.ones(self.config.num_blocks + 2, device=self.pos_embed.device)
-        weights[:-1] = self.hidden_node_weight
-        return weights
-
     def total_energy(self, per_node: Tensor) -> Tensor:
-        """(B, L+2) node energies -> the total: summed over nodes (weighted by `node_weights`) and over the batch."""
+        """(B, L+2) node energies -> the total over nodes and batch: the hidden nodes' energies weighted by
+        `hidden_node_weight` (1 for `energy_weighting: sum`, the original), the image's by 1."""
         if self.hidden_node_weight == 1.0:
             return per_node.sum()
-        return (per_node * self.node_weights()).sum()
+        return self.hidden_node_weight * per_node[:, :-1].sum() + per_node[:, -1].sum()
 
     def energy(self, x: Tensor, h0: Tensor, hidden: Tensor) -> Tensor:
         """Total energy: summed over nodes AND over the batch (not a mean), a scalar."""

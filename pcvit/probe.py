@@ -100,7 +100,7 @@ def fit_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: T
             return loss
 
         optimizer.step(closure)
-        iterations = optimizer.state[optimizer._params[0]]["n_iter"]
+        iterations = optimizer.state[weight]["n_iter"]
         return ProbeFit(test_accuracy(), iterations, iterations < LBFGS_MAX_ITERATIONS)
 
     optimizer = torch.optim.AdamW([weight, bias], lr=config.linear_probe_lr, betas=(0.9, 0.999), eps=1e-8,

@@ -91,12 +91,13 @@ class Run:
         return settle_states(self.model, x, states, steps, self.hidden_lr_at, c.hidden_momentum, c.h_grad_clip_norm,
                              self.scales, **kwargs)
 
-    def start_states(self, batch_size: int, fresh: bool, generator: torch.Generator | None = None) -> States:
+    def start_states(self, batch_size: int, fresh: bool) -> States:
         """Where a batch's inference starts: fresh states (pcx STATUS.INIT: h0 redrawn, every other state := its
-        prediction from the top) when `fresh`, else the states carried over from the previous operation."""
+        prediction from the top) when `fresh`, else the first slots of the states carried over from the previous
+        operation."""
         if fresh:
-            return init_states(self.model, batch_size, self.config.use_noise, generator or self.generator)
-        return self.states if batch_size == self.states.batch_size else self.states.head(batch_size)
+            return init_states(self.model, batch_size, self.config.use_noise, self.generator)
+        return self.states.head(batch_size)
 
     def train_on_batch(self, x: Tensor, last_of_epoch: bool = True) -> tuple[Tensor, Tensor]:
         """Settle, one weight step, reconstruct. Returns (energy at the weight step, train MSE) as tensors.
