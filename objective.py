@@ -76,8 +76,8 @@ def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: Che
 
     if result.stop_reason == "interrupted":  # a signal: the worker re-queues the trial
         raise WorkerStopped(SignalGuard.installed_guard.signum if SignalGuard.installed_guard else signal.SIGTERM)
-    record_result(trial, result)
-    _note_trial(trial, result)
+    summary = record_result(trial, result)
+    _note_trial(trial, summary, result.history)
     if result.stop_detail == "pruned":
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
     value = measured_value(result, spec.metric)
@@ -138,8 +138,9 @@ def measured_value(result: RunResult, metric: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def record_result(trial: optuna.Trial, result: RunResult) -> None:
-    """The per-trial record: the run's summary, divergence, and the versions that produced it."""
+def record_result(trial: optuna.Trial, result: RunResult) -> dict[str, Any]:
+    """The per-trial record: the run's summary, divergence, and the versions that produced it. Returns the
+    rounded summary (`result_attrs`) it stored."""
     summary = result_attrs(result)
     for key in RESULT_ATTRS:
         retry_db(trial.set_user_attr, key, summary[key])
@@ -147,6 +148,7 @@ def record_result(trial: optuna.Trial, result: RunResult) -> None:
         retry_db(trial.set_user_attr, "reason", result.stop_detail)
         retry_db(trial.set_user_attr, "epoch", result.divergence_epoch)
     retry_db(trial.set_user_attr, "versions", package_versions())
+    return summary
 
 
 def result_attrs(result: RunResult) -> dict[str, Any]:
@@ -171,11 +173,10 @@ def _significant(value: Any) -> Any:
     return float(f"{value:.4g}") if isinstance(value, float) and math.isfinite(value) else value
 
 
-def _note_trial(trial: optuna.Trial, result: RunResult) -> None:
+def _note_trial(trial: optuna.Trial, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
     """A few lines on the trial's page in optuna-dashboard: what happened (a convenience: failures only warn)."""
-    summary = {**result_attrs(result), "history": result.history}
     best_effort(f"the note of trial {trial.number}", save_note, trial,
-                trial_note(trial.number, summary, trial.user_attrs.get("resumed_after_epoch")))
+                trial_note(trial.number, {**summary, "history": history}, trial.user_attrs.get("resumed_after_epoch")))
 
 
 class OptunaListener(Listener):
