@@ -95,7 +95,8 @@ def fit_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: T
 
         def closure() -> Tensor:
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(train_x @ weight + bias, train_y) + 0.5 * config.linear_probe_wd * weight.square().sum()
+            decay = 0.5 * config.linear_probe_wd * weight.square().sum()
+            loss = F.cross_entropy(train_x @ weight + bias, train_y) + decay
             loss.backward()
             return loss
 

@@ -136,7 +136,7 @@ class Run:
 
         final = self.settle(x, self.start_states(slots, self.config.use_status_init_in_unmasking), T,
                             before_step=record)
-        self.states.top[:slots], self.states.hidden[:, :slots] = final.top, final.hidden  # written back, as the original
+        self.states.top[:slots], self.states.hidden[:, :slots] = final.top, final.hidden  # written back (the original)
         return seen["xhat"]
 
     def validate(self) -> dict[str, float]:
