@@ -40,19 +40,19 @@ import torch
 
 import storage
 from pcvit import Config, DatasetError, Listener, RunResult, load_data, train
-from storage import retry_db
+from storage.optuna_access import DB_PATIENCE_S, retrying, stored_trial, study_id
 from storage.checkpoints import CheckpointFiles
-from studies import retries
-from studies.curves import save_curves
-from studies.dashboard_notes import save_note, trial_note, update_study_note
-from studies.reconstruction_view import labelled_grid
-from studies.search import build_pruner, build_sampler, new_sampler_seed, representative_params, suggest_config
-from studies.side_channels import Tolerant, best_effort
-from studies.spec import METRICS, StudyFileError, StudySpec
-from studies.stopping import SignalGuard, StopOnSignal, WorkerStopped
-from studies.study_source import resolve_spec
-from studies.worker import join_study, run_worker
-from studies.worker_args import parse_worker_args
+from studies.running import retries
+from studies.results.curves import save_curves
+from studies.results.dashboard_notes import save_note, trial_note, update_study_note
+from studies.results.reconstruction_view import labelled_grid
+from studies.studyfile.search import build_pruner, build_sampler, new_sampler_seed, representative_params, suggest_config
+from studies.running.side_channels import Tolerant, best_effort
+from studies.studyfile.spec import METRICS, StudyFileError, StudySpec
+from studies.running.stopping import SignalGuard, StopOnSignal, WorkerStopped
+from studies.studyfile.study_source import resolve_spec
+from studies.running.worker import join_study, run_worker
+from studies.running.worker_args import parse_worker_args
 
 log = logging.getLogger("pcvit.objective")
 RESULT_ATTRS = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run",
@@ -93,7 +93,7 @@ def trial_config(trial: optuna.Trial, spec: StudySpec) -> Config:
     values = suggest_config(trial, spec)
     config = Config.from_dict({**values, "seed": values.get("seed", trial.user_attrs.get("seed",
                                                                                         secrets.randbelow(2**31)))})
-    retry_db(trial.set_user_attr, "seed", config.seed)
+    trial.set_user_attr("seed", config.seed)
     return config
 
 
@@ -102,7 +102,7 @@ def trial_listeners(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoint
     """Optuna (reports, pruning, checkpoints, artifacts), the worker's stop signal, and W&B if asked for."""
     listeners: list[Listener] = [OptunaListener(trial, spec, store, checkpoints), StopOnSignal()]
     if wandb_project:
-        from studies.wandb_log import WandbListener
+        from studies.running.wandb_log import WandbListener
 
         listeners.append(Tolerant(WandbListener(trial, wandb_project), "W&B"))  # W&B failures only warn
     return listeners
@@ -118,7 +118,7 @@ def load_resume_point(trial: optuna.Trial, checkpoints: CheckpointFiles) -> dict
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("trial %d: checkpoint unreadable (%s); starting from epoch 0", trial.number, exc)
         return None
-    retry_db(trial.set_user_attr, "resumed_after_epoch", resume["epoch"])
+    trial.set_user_attr("resumed_after_epoch", resume["epoch"])
     if checkpoint.get("trained"):
         log.info("trial %d was trained by an earlier attempt; recording its result without training again",
                  trial.number)
@@ -143,11 +143,11 @@ def record_result(trial: optuna.Trial, result: RunResult) -> dict[str, Any]:
     rounded summary (`result_attrs`) it stored."""
     summary = result_attrs(result)
     for key in RESULT_ATTRS:
-        retry_db(trial.set_user_attr, key, summary[key])
+        trial.set_user_attr(key, summary[key])
     if result.diverged:
-        retry_db(trial.set_user_attr, "reason", result.stop_detail)
-        retry_db(trial.set_user_attr, "epoch", result.divergence_epoch)
-    retry_db(trial.set_user_attr, "versions", package_versions())
+        trial.set_user_attr("reason", result.stop_detail)
+        trial.set_user_attr("epoch", result.divergence_epoch)
+    trial.set_user_attr("versions", package_versions())
     return summary
 
 
@@ -186,17 +186,17 @@ class OptunaListener(Listener):
     def __init__(self, trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles):
         self.trial, self.spec, self.store, self.checkpoints = trial, spec, store, checkpoints
         self.report_key = METRICS[spec.metric]
-        frozen = retry_db(trial.storage.get_trial, trial._trial_id)
+        frozen = stored_trial(trial.study, trial)
         self.reported = set(frozen.intermediate_values)  # a retry's earlier reports
-        self.lineage = retries.lineage(trial.study._study_id, frozen)
+        self.lineage = retries.lineage(study_id(trial.study), frozen)
         self.checkpoint = trial.user_attrs.get(retries.CHECKPOINT) or {}
 
     def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
         value = metrics.get(self.report_key)
         if value is not None and epoch not in self.reported:
-            retry_db(self.trial.report, float(f"{value:.6g}"), epoch)  # float32 noise is no information
+            self.trial.report(float(f"{value:.6g}"), epoch)  # float32 noise is no information
             self.reported.add(epoch)
-            if retry_db(self.trial.should_prune):
+            if self.trial.should_prune():
                 run.request_stop("pruned")
         every = self.spec.checkpoint_every_n_epochs
         ongoing = run.stop_request is None and run.result.stop_reason == "completed" and epoch < run.config.epochs
@@ -238,12 +238,12 @@ class OptunaListener(Listener):
         if new_id is None:
             return
         self.checkpoint = {"id": new_id, "epoch": epoch, "trained": trained}
-        retry_db(self.trial.set_user_attr, retries.CHECKPOINT, self.checkpoint)
+        self.trial.set_user_attr(retries.CHECKPOINT, self.checkpoint)
         self.checkpoints.remove_lineage(self.lineage, keep=new_id)  # only the latest is ever needed
 
     def upload(self, path: Path) -> None:
         mimetype = {".png": "image/png", ".jsonl": "text/plain"}.get(path.suffix, "application/octet-stream")
-        best_effort(f"upload of {path.name}", retry_db, optuna.artifacts.upload_artifact, artifact_store=self.store,
+        best_effort(f"upload of {path.name}", optuna.artifacts.upload_artifact, artifact_store=self.store,
                     file_path=str(path), study_or_trial=self.trial, mimetype=mimetype)
 
 
@@ -284,14 +284,16 @@ def main(argv: list[str] | None = None) -> int:
         load_data(base)  # a missing dataset fails here, before the storage is touched (and stays cached)
         sampler_seed = new_sampler_seed()
         db = storage.wait_for_storage(url, spec.heartbeat_interval, spec.grace_period, check_budget=True)
-        study = retry_db(join_study, db, url, args.study_name or spec.name, spec, build_sampler(spec, sampler_seed),
-                         build_pruner(spec), patience_s=storage.STARTUP_PATIENCE_S)
+        db = retrying(db, patience_s=storage.STARTUP_PATIENCE_S)  # every storage call waits out an outage
+        study = join_study(db, url, args.study_name or spec.name, spec, build_sampler(spec, sampler_seed),
+                           build_pruner(spec))
+        db.patience_s = DB_PATIENCE_S  # joined: from now on a trial waits longer before it gives up
     except (StudyFileError, storage.StorageError, DatasetError) as exc:
         print(f"pcvit-worker: error: {exc}", file=sys.stderr)
         return 2
     with warnings.catch_warnings():  # "experimental"; the dashboard labels its axes with it
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        best_effort("naming the study's metric", retry_db, study.set_metric_names, [spec.metric])
+        best_effort("naming the study's metric", study.set_metric_names, [spec.metric])
     store = storage.artifact_store(args.artifact_dir)
     checkpoints = CheckpointFiles(storage.artifact_folder(args.artifact_dir))
     log.info("worker joins study %r in %s (sampler seed %d)", study.study_name, storage.mask_password(url),
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_objective(trial: optuna.Trial) -> float:
         if "sampler_seed" not in trial.user_attrs:  # a retry keeps the seed that sampled its params
-            retry_db(trial.set_user_attr, "sampler_seed", sampler_seed)
+            trial.set_user_attr("sampler_seed", sampler_seed)
         try:
             return objective(trial, spec, store, checkpoints, args.wandb)
         finally:

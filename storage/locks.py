@@ -16,6 +16,8 @@ import hashlib
 import pathlib
 from typing import Any, Iterator
 
+import optuna
+
 LOCK_SUFFIX = ".pcvit-lock"  # not optuna's own ".lock" of the journal file
 
 
@@ -31,11 +33,12 @@ def file_lock(path: str | pathlib.Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def storage_lock(storage: Any, name: str) -> Iterator[None]:
-    """Hold the lock `name` of an Optuna storage (SQLite, PostgreSQL or journal file) for the block.
+def storage_lock(where: Any, name: str) -> Iterator[None]:
+    """Hold the lock `name` of a study's or an Optuna storage's database (SQLite, PostgreSQL or journal file) for
+    the block. Storages it cannot lock (MySQL) run the block unlocked."""
+    from storage.optuna_access import backend_of, backend_of_study
 
-    Storages it cannot lock (MySQL) run the block unlocked."""
-    backend = rdb_or_journal(storage)
+    backend = backend_of_study(where) if isinstance(where, optuna.Study) else backend_of(where)
     engine = getattr(backend, "engine", None)
     if engine is not None and engine.dialect.name == "postgresql":
         with _advisory_lock(engine, name):
@@ -47,13 +50,6 @@ def storage_lock(storage: Any, name: str) -> Iterator[None]:
         return
     with file_lock(f"{path}{LOCK_SUFFIX}"):
         yield
-
-
-def rdb_or_journal(storage: Any) -> Any:
-    """The RDBStorage or JournalStorage behind `storage` (Optuna wraps an RDBStorage in a cache)."""
-    from optuna.storages._cached_storage import _CachedStorage
-
-    return storage._backend if isinstance(storage, _CachedStorage) else storage
 
 
 def _lock_file(backend: Any, engine: Any) -> str | None:

@@ -20,9 +20,9 @@ import os
 import sys
 
 import storage
-from studies.search import load_study_file
-from studies.spec import StudyFileError
-from studies.worker_args import positive_int
+from studies.studyfile.search import load_study_file
+from studies.studyfile.spec import StudyFileError
+from studies.running.worker_args import positive_int
 
 
 def validate(path: str) -> int:
@@ -33,7 +33,7 @@ def validate(path: str) -> int:
 
 
 def import_wandb(sweep: str, out: str, n_trials: int | None) -> int:
-    from studies.wandb_import import import_file
+    from studies.studyfile.wandb_import import import_file
 
     text = import_file(sweep, n_trials, note=lambda message: print(f"note: {message}", file=sys.stderr))
     with open(out, "w") as f:
@@ -43,8 +43,8 @@ def import_wandb(sweep: str, out: str, n_trials: int | None) -> int:
 
 
 def reap(url: str, name: str) -> int:
-    from studies.reaper import reap_once
-    from studies.worker import open_existing_study
+    from studies.running.reaper import reap_once
+    from studies.running.worker import open_existing_study
 
     study, spec = open_existing_study(url, name)
     reaped = reap_once(study, spec.grace_period, spec.max_retries)
@@ -53,13 +53,13 @@ def reap(url: str, name: str) -> int:
 
 
 def report(url: str, name: str, output_format: str, to_dashboard: bool) -> int:
-    from studies.report import render_markdown, study_summary
-    from studies.worker import open_existing_study
+    from studies.results.report import render_markdown, study_summary
+    from studies.running.worker import open_existing_study
 
     study, spec = open_existing_study(url, name)
     summary = study_summary(study, spec)
     if to_dashboard:
-        from studies.dashboard_notes import write_study_note
+        from studies.results.dashboard_notes import write_study_note
 
         write_study_note(study, spec, summary)
     print(json.dumps(summary, indent=1) if output_format == "json" else render_markdown(summary), end="")
@@ -69,14 +69,14 @@ def report(url: str, name: str, output_format: str, to_dashboard: bool) -> int:
 
 
 def show_config(url: str, name: str, number: int) -> int:
-    from studies.replay import config_yaml
+    from studies.results.replay import config_yaml
 
     print(config_yaml(url, name, number), end="")
     return 0
 
 
 def replay(url: str, name: str, number: int, train_args: list[str]) -> int:
-    from studies.replay import replay as replay_trial
+    from studies.results.replay import replay as replay_trial
 
     return replay_trial(url, name, number, train_args)
 

@@ -20,9 +20,9 @@ from optuna.trial import TrialState
 
 import storage
 from storage.checkpoints import PREFIX
-from studies.report import outcome_trials
-from studies.retries import RETRY_REASON
-from studies.worker import SURPLUS
+from studies.results.report import outcome_trials
+from studies.running.retries import RETRY_REASON
+from studies.running.worker import SURPLUS
 from tests.helpers import REPO, checkpoint_epoch, tiny_study, worker_env
 
 WORKERS, TRIALS, EPOCHS, GRACE = 6, 40, 3, 4
@@ -65,7 +65,7 @@ def test_chaos_loses_nothing_and_doubles_nothing(postgres_server, tmp_path):
     plan = sorted([(4 + 5 * i, "signal") for i in range(len(signals))] + [(12, "restart"), (22, "outage")])
     started = time.monotonic()
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "studies.launch", "--cpu-workers", str(WORKERS), "--log-dir", str(logs),
+        [sys.executable, "-m", "studies.running.launch", "--cpu-workers", str(WORKERS), "--log-dir", str(logs),
          "--restart-backoff", "0.5", "--max-restarts", "20", "--",
          "--storage", url, "--study-file", str(study_file), "--artifact-dir", str(art)],
         cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from studies import launch
+from studies.running import launch
 from tests import pg
 from tests.helpers import REPO
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from studies import launch
+from studies.running import launch
 from tests.helpers import REPO
 
 
@@ -153,7 +153,7 @@ def test_a_worker_dead_after_the_budget_was_spent_is_not_restarted_nor_a_failure
 def start_launcher(tmp_path, fake_worker, *args: str) -> subprocess.Popen:
     """The launcher as its own process (signals go to it, not to pytest); waits for all workers."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "studies.launch", *launcher_args(tmp_path, fake_worker, *args)],
+        [sys.executable, "-m", "studies.running.launch", *launcher_args(tmp_path, fake_worker, *args)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + 30

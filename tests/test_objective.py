@@ -20,10 +20,10 @@ import objective
 import storage
 from pcvit import Config, train
 from studies import cli
-from studies.replay import trial_config
-from studies.search import build_pruner
-from studies.spec import load_spec
-from studies.worker import run_worker
+from studies.results.replay import trial_config
+from studies.studyfile.search import build_pruner
+from studies.studyfile.spec import load_spec
+from studies.running.worker import run_worker
 from tests.helpers import TINY_SPACE, run_workers_to_the_end, tiny_study, worker_env
 
 OPTUNA_CLI = str(pathlib.Path(sys.executable).parent / "optuna")
@@ -231,7 +231,7 @@ def test_two_workers_share_one_journal_file_within_the_budget(tmp_path):
 
 def test_budget_check_after_ask_fails_surplus_trials(tmp_path):
     """Two workers counted 1 of 2 trials and asked at once: the one ranked beyond the budget trains nothing."""
-    from studies.worker import next_trial
+    from studies.running.worker import next_trial
 
     spec = load_spec(tiny_study(tmp_path, n_trials=2))
     study = optuna.create_study(study_name="tiny", storage=storage.open_storage(f"sqlite:///{tmp_path}/s.db"))

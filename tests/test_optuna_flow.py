@@ -12,7 +12,7 @@ import optuna
 
 import objective
 import storage
-from studies.study_source import resolve_spec
+from studies.studyfile.study_source import resolve_spec
 from tests.helpers import REPO, tiny_study, worker_env
 
 BIN = pathlib.Path(sys.executable).parent

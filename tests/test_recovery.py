@@ -16,16 +16,16 @@ from optuna.trial import TrialState
 import objective
 import storage
 from pcvit import Config, train
-from studies.owners import OWNER
-from studies.reaper import Reaper, StalenessWatch
-from studies.retries import fail_for_retry, requeue
+from studies.running.owners import OWNER
+from studies.running.reaper import Reaper, StalenessWatch
+from studies.running.retries import fail_for_retry, requeue
 from storage.checkpoints import CheckpointFiles
 from studies import cli
-from studies.replay import trial_config
-from studies.report import outcome_trials
-from studies.search import build_pruner, build_sampler
-from studies.spec import load_spec
-from studies.worker import join_study
+from studies.results.replay import trial_config
+from studies.results.report import outcome_trials
+from studies.studyfile.search import build_pruner, build_sampler
+from studies.studyfile.spec import load_spec
+from studies.running.worker import join_study
 from tests.helpers import (checkpoint_epoch, finish, run_workers_to_the_end, running_trial_with_checkpoint,
                            start_worker, tiny_study, trials, wait_for)
 

@@ -14,10 +14,10 @@ from optuna.trial import TrialState, create_trial
 
 import storage
 from studies import cli
-from studies.report_stats import quartiles, rank_sum_p, spearman
-from studies.search import build_pruner, build_sampler
-from studies.spec import load_spec
-from studies.worker import join_study
+from studies.results.report_stats import quartiles, rank_sum_p, spearman
+from studies.studyfile.search import build_pruner, build_sampler
+from studies.studyfile.spec import load_spec
+from studies.running.worker import join_study
 from tests.helpers import tiny_study, worker_env
 
 SPACE = {

@@ -15,11 +15,12 @@ import pytest
 from optuna.trial import TrialState
 
 import storage
-from studies import owners
-from studies.retries import RETRY_REASON, fail_for_retry, fail_if_running, repair_missing_retries, requeue
-from studies.search import build_pruner, build_sampler
-from studies.spec import StudyFileError, load_spec
-from studies.worker import join_study
+from studies.running import owners
+from storage.optuna_access import fail_if_running
+from studies.running.retries import RETRY_REASON, fail_for_retry, repair_missing_retries, requeue
+from studies.studyfile.search import build_pruner, build_sampler
+from studies.studyfile.spec import StudyFileError, load_spec
+from studies.running.worker import join_study
 from tests.helpers import tiny_study
 
 RACERS = 4
@@ -108,7 +109,7 @@ def test_a_finished_trial_is_never_failed(url, tmp_path):
     study, _ = joined(url, tiny_study(tmp_path))
     trial = study.ask()
     study.tell(trial, 0.5)
-    assert not fail_if_running(study._storage, trial._trial_id)
+    assert not fail_if_running(study, trial)
     assert not fail_for_retry(study, study._storage.get_trial(trial._trial_id), "late reaper")
     assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].value == 0.5
 

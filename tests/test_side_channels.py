@@ -12,9 +12,9 @@ from optuna.trial import TrialState
 import objective
 import storage
 from storage.checkpoints import CheckpointFiles
-from studies.search import build_pruner, build_sampler
-from studies.spec import load_spec
-from studies.worker import join_study, run_worker
+from studies.studyfile.search import build_pruner, build_sampler
+from studies.studyfile.spec import load_spec
+from studies.running.worker import join_study, run_worker
 from tests.pg import free_port
 from tests.helpers import finish, start_worker, tiny_study, trials, worker_env
 

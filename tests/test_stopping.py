@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from pcvit import Config, Listener, train
-from studies.stopping import SignalGuard, StopOnSignal, WorkerStopped
+from studies.running.stopping import SignalGuard, StopOnSignal, WorkerStopped
 from tests.helpers import TINY_FIXED
 
 pytestmark = pytest.mark.usefixtures("one_thread")

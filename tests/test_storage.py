@@ -10,6 +10,7 @@ import pytest
 
 import storage
 from storage import StorageError, open_storage, resolve_url
+from storage.optuna_access import retried
 
 
 def test_url_comes_from_argument_then_environment_then_default(monkeypatch):
@@ -85,7 +86,7 @@ def test_retry_db_waits_out_an_outage_then_gives_up():
             raise optuna.exceptions.StorageInternalError("connection refused")
         return "ok"
 
-    assert storage.retry_db(flaky) == "ok" and len(calls) == 2
+    assert retried(flaky) == "ok" and len(calls) == 2
     with pytest.raises(optuna.exceptions.StorageInternalError):
-        storage.retry_db(lambda: (_ for _ in ()).throw(optuna.exceptions.StorageInternalError("down")),
+        retried(lambda: (_ for _ in ()).throw(optuna.exceptions.StorageInternalError("down")),
                          patience_s=0)

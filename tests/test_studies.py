@@ -9,8 +9,8 @@ import yaml
 
 import objective
 from studies import cli
-from studies.search import check_sampler_and_pruner
-from studies.spec import NO_EFFECT, StudyFileError, load_spec, parse_spec, spec_diff
+from studies.studyfile.search import check_sampler_and_pruner
+from studies.studyfile.spec import NO_EFFECT, StudyFileError, load_spec, parse_spec, spec_diff
 from tests.helpers import REPO, TINY_FIXED, TINY_SPACE
 
 SHIPPED = sorted((REPO / "studies").glob("*.yaml"))

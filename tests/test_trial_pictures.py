@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from pcvit.images import save_reconstruction_grid
-from studies.curves import save_curves
-from studies.reconstruction_view import labelled_grid, read_panels
+from studies.results.curves import save_curves
+from studies.results.reconstruction_view import labelled_grid, read_panels
 
 
 def test_grid_is_enlarged_and_the_input_column_appears_only_when_it_differs(tmp_path):

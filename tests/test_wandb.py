@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from studies import cli
-from studies.spec import NO_EFFECT, StudyFileError, load_spec
-from studies.wandb_import import import_sweep
+from studies.studyfile.spec import NO_EFFECT, StudyFileError, load_spec
+from studies.studyfile.wandb_import import import_sweep
 from tests.helpers import REPO, finish, start_worker, tiny_study, trials, worker_env
 
 SWEEP = REPO / "tests/data/sweep_12block_comprehensive.yaml"

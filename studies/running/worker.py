@@ -12,7 +12,7 @@
   database or file write); the trial is failed with the reason and re-queued (to resume from its
   checkpoint), then the worker exits with 128 + the signal number. A second signal stops at once.
 * Dead workers: a `Reaper` thread beats for the running trial and re-queues the trials of dead workers
-  within the grace period, even while every worker is busy (see `studies.reaper`).
+  within the grace period, even while every worker is busy (see `studies.running.reaper`).
 * Errors: a CUDA out-of-memory error fails the trial with the reason, frees the cache, and the worker
   goes on; so does any other error, unless three trials in a row fail (then the worker stops: a bug or a
   broken machine should not burn the budget).
@@ -34,15 +34,16 @@ import optuna
 from optuna.trial import TrialState
 
 import storage
-from storage import mask_password, retry_db
+from storage import mask_password
 from storage.checkpoints import CheckpointFiles, lineage_of
 from storage.locks import storage_lock
-from studies.owners import claim
-from studies.reaper import Reaper
-from studies.retries import (SPEC_ATTR, fail_for_retry, fail_if_running, is_retry, lineage, lineage_done,
-                             repair_missing_retries, requeue)
-from studies.spec import StudyFileError, StudySpec, canonical, spec_diff, spec_from_document
-from studies.stopping import SignalGuard, WorkerStopped
+from storage.optuna_access import fail_if_running, set_system_attr, set_user_attr, stored_trial, study_id, trial_id
+from studies.running.owners import claim
+from studies.running.reaper import Reaper
+from studies.running.retries import (fail_for_retry, is_retry, lineage, lineage_done, repair_missing_retries,
+                                     requeue)
+from studies.running.stopping import SignalGuard, WorkerStopped
+from studies.studyfile.spec import SPEC_ATTR, StudyFileError, StudySpec, canonical, spec_diff, spec_from_document
 
 log = logging.getLogger("pcvit.worker")
 SURPLUS = "pcvit:surplus"  # system attr of a trial created beyond the budget by a concurrent ask
@@ -111,16 +112,16 @@ def next_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
     with warnings.catch_warnings():  # we run our own loop (and heartbeat) instead of Study.optimize
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         trial = study.ask()
-    frozen = study._storage.get_trial(trial._trial_id)
+    frozen = stored_trial(study, trial)
     if is_retry(frozen):
         return trial
     earlier = [t for t in fresh_trials(study.get_trials(deepcopy=False)) if t.number < trial.number]
     if len(earlier) < spec.n_trials:
         return trial
-    study._storage.set_trial_system_attr(trial._trial_id, SURPLUS, True)
+    set_system_attr(study, trial, SURPLUS, True)
     reason = f"surplus: the budget of {spec.n_trials} trials was spent while this worker asked"
-    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-    fail_if_running(study._storage, trial._trial_id)
+    set_user_attr(study, trial, "fail_reason", reason)
+    fail_if_running(study, trial)
     return None
 
 
@@ -134,17 +135,16 @@ def run_worker(study: optuna.Study, spec: StudySpec, objective: Callable[[optuna
     try:
         with guard.installed(), reaper:
             while guard.signum is None and (max_trials is None or ran < max_trials):
-                trial = retry_db(next_trial, study, spec)
+                trial = next_trial(study, spec)
                 if trial is None:
-                    unfinished = retry_db(study.get_trials, deepcopy=False,
-                                          states=(TrialState.RUNNING, TrialState.WAITING))
-                    if not unfinished and retry_db(repair_missing_retries, study, spec.max_retries):
+                    unfinished = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+                    if not unfinished and repair_missing_retries(study, spec.max_retries):
                         continue  # a retry was missing (its reaper died between two writes): run it
                     if not unfinished:
                         log.info("the study's budget of %d trials (or its grid) is spent and no trial is left "
                                  "to run", spec.n_trials)
                         if checkpoints is not None:
-                            retry_db(remove_finished_checkpoints, study, checkpoints, spec.max_retries)
+                            remove_finished_checkpoints(study, checkpoints, spec.max_retries)
                         break
                     log.info("budget spent; waiting for running trials %s", [t.number for t in unfinished])
                     guard.event.wait(spec.heartbeat_interval)
@@ -171,8 +171,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
 
     value, state, outcome, reason = None, TrialState.FAIL, "error", ""
     try:
-        with reaper.beating(trial._trial_id):  # from the start: a claim held up by an outage is not a death
-            retry_db(claim, study, trial)
+        with reaper.beating(trial_id(trial)):  # from the start: a claim held up by an outage is not a death
+            claim(study, trial)
             guard.check()
             value = objective(trial)
         state, outcome = TrialState.COMPLETE, "complete"
@@ -181,7 +181,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
         log.info("trial %d pruned: %s", trial.number, exc)
     except WorkerStopped as exc:
         outcome, reason = "interrupted", str(exc)
-    except storage.DB_UNREACHABLE as exc:  # an outage longer than retry_db's patience is not the trial's fault
+    except storage.DB_UNREACHABLE as exc:  # an outage longer than the storage's patience is not the trial's fault
         outcome, reason = "interrupted", f"database unreachable: {str(exc).splitlines()[0][:200]}"
         log.warning("trial %d: %s", trial.number, reason)
     except torch.OutOfMemoryError as exc:
@@ -194,16 +194,16 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
         gc.collect()  # drop the dead trial's tensors before the next one allocates
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    frozen = retry_db(study._storage.get_trial, trial._trial_id)
+    frozen = stored_trial(study, trial)
     if outcome == "interrupted":
         why = f"trial {trial.number}: {reason}"
-        if retry_db(fail_for_retry, study, frozen, reason):
-            retry_db(requeue, study, retry_db(study._storage.get_trial, trial._trial_id), spec.max_retries, why)
+        if fail_for_retry(study, frozen, reason):
+            requeue(study, stored_trial(study, trial), spec.max_retries, why)
         return outcome
     try:
         if reason:
-            retry_db(trial.set_user_attr, "fail_reason", reason)
-        retry_db(study.tell, trial, value, state=state)
+            trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, value, state=state)
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning("trial %d was finished by another process (reaped?)", trial.number)
         return outcome
@@ -212,7 +212,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
             raise
         log.info("trial %d was the last point of the grid", trial.number)  # its state was stored all the same
     except ValueError as exc:  # "Cannot tell a COMPLETE trial": a tell whose commit went through before an outage
-        told = retry_db(study._storage.get_trial, trial._trial_id)
+        told = stored_trial(study, trial)
         if not told.state.is_finished():
             raise
         log.warning("trial %d was already told (%s; a retried write had gone through): %s", trial.number,
@@ -222,17 +222,17 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     if reason:
         log.warning("trial %d failed: %s", trial.number, reason)
     if checkpoints is not None:  # the result is stored: its checkpoints are no longer needed
-        checkpoints.remove_lineage(lineage(study._study_id, frozen))
+        checkpoints.remove_lineage(lineage(study_id(study), frozen))
     return outcome
 
 
 def remove_finished_checkpoints(study: optuna.Study, checkpoints: CheckpointFiles, max_retries: int) -> list[str]:
     """Remove the checkpoints of this study's finished lineages (left by a worker killed after its result)."""
     trials = study.get_trials(deepcopy=False)
-    mine = f"s{study._study_id}_"
+    mine = f"s{study_id(study)}_"
     removed = []
     for name in {lineage_of(file) for file in checkpoints.ids()}:
-        if name and name.startswith(mine) and lineage_done(study._study_id, trials, name, max_retries):
+        if name and name.startswith(mine) and lineage_done(study_id(study), trials, name, max_retries):
             removed += checkpoints.remove_lineage(name)
     if removed:
         log.info("removed %d checkpoint file(s) of finished trials", len(removed))

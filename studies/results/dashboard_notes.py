@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from studies.spec import StudySpec
+from studies.studyfile.spec import StudySpec
 
 log = logging.getLogger("pcvit.notes")
 
@@ -41,7 +41,7 @@ def _yaml_of(document: dict) -> str:
 
 
 def write_study_note(study: optuna.Study, spec: StudySpec, summary: dict | None = None) -> None:
-    from studies.report import render_markdown, study_summary
+    from studies.results.report import render_markdown, study_summary
 
     summary = summary if summary is not None else study_summary(study, spec)
     save_note(study, study_note(spec, render_markdown(summary)))

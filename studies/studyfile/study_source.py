@@ -12,11 +12,10 @@ import pathlib
 import optuna
 
 import storage
-from studies.retries import SPEC_ATTR
-from studies.search import check_sampler_and_pruner, load_study_file
-from studies.spec import StudyFileError, StudySpec, spec_from_document
+from studies.studyfile.search import check_sampler_and_pruner, load_study_file
+from studies.studyfile.spec import SPEC_ATTR, StudyFileError, StudySpec, spec_from_document
 
-PACKAGED = pathlib.Path(__file__).resolve().parent  # studies/*.yaml ship with the package
+PACKAGED = pathlib.Path(__file__).resolve().parents[1]  # studies/*.yaml ship with the package
 
 
 def packaged_file(name: str) -> pathlib.Path | None:

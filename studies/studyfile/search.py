@@ -13,12 +13,12 @@ from typing import Any
 
 import optuna
 
-from studies.spec import StudyFileError, StudySpec, load_spec
+from studies.studyfile.spec import StudyFileError, StudySpec, load_spec
 
 
 def load_study_file(path: str | os.PathLike) -> StudySpec:
     """A study file as every command reads it, before any storage is touched: the schema and every config a trial
-    could get (`studies.spec`), then the sampler and pruner Optuna would build from it."""
+    could get (`studies.studyfile.spec`), then the sampler and pruner Optuna would build from it."""
     spec = load_spec(path)
     check_sampler_and_pruner(spec)
     return spec

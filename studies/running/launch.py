@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     command = shlex.split(args.worker_cmd) + worker_args
     if args.worker_cmd == DEFAULT_WORKER_CMD:  # the real worker: refuse its arguments here, not in N logs
-        from studies.worker_args import WorkerArgsError, check_worker_args
+        from studies.running.worker_args import WorkerArgsError, check_worker_args
 
         try:
             check_worker_args(worker_args)

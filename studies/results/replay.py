@@ -20,9 +20,9 @@ import yaml
 from pcvit.cli import main as train_main
 from pcvit.config import Config
 from storage import mask_password
-from studies.search import suggest_config
-from studies.spec import StudyFileError
-from studies.worker import open_existing_study
+from studies.studyfile.search import suggest_config
+from studies.studyfile.spec import StudyFileError
+from studies.running.worker import open_existing_study
 
 
 def trial_config(url: str, study_name: str, number: int) -> dict[str, Any]:

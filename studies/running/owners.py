@@ -15,6 +15,8 @@ import socket
 
 import optuna
 
+from storage.optuna_access import set_system_attr
+
 OWNER = "pcvit:owner"  # system attr: the identity of the process running the trial
 UNKNOWN = "?"
 
@@ -65,5 +67,5 @@ def owner_is_dead(identity: str) -> bool:
 
 def claim(study: optuna.Study, trial: optuna.Trial) -> None:
     """Record which process runs `trial` (for reaping) and where (for people)."""
-    study._storage.set_trial_system_attr(trial._trial_id, OWNER, process_identity())
+    set_system_attr(study, trial, OWNER, process_identity())
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")

@@ -20,10 +20,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from studies.report_stats import quartiles, rank_sum_p, spearman, spearman_p
-from studies.retries import is_retry
-from studies.spec import StudySpec, param_value
-from studies.worker import SURPLUS
+from studies.results.report_stats import quartiles, rank_sum_p, spearman, spearman_p
+from studies.running.retries import is_retry
+from studies.studyfile.spec import StudySpec, param_value
+from studies.running.worker import SURPLUS
 
 MIN_PER_GROUP = 5
 ALPHA = 0.05

@@ -15,20 +15,20 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import datetime
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from storage.locks import rdb_or_journal, storage_lock
+from storage.locks import storage_lock
+from storage.optuna_access import fail_if_running, set_system_attr, set_user_attr
+from studies.studyfile.spec import SPEC_ATTR
 
 log = logging.getLogger("pcvit.retries")
 
 CHECKPOINT = "checkpoint"  # user attr {"id", "epoch", "trained"}: the latest checkpoint, written in one call
 INHERITED = ("seed", "sampler_seed", CHECKPOINT)  # user attrs a retry keeps
 RETRY_REASON = "pcvit:retry_reason"  # system attr: this trial is to be retried, and why
-SPEC_ATTR = "study_spec"  # study user attr holding the validated study file (see studies.spec)
 
 
 def is_retry(trial: FrozenTrial) -> bool:
@@ -48,37 +48,12 @@ def fail_for_retry(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool
     """Mark a RUNNING trial for a retry and fail it; False if another process finished it first.
 
     The caller that gets True owns the trial's retry (`requeue`)."""
-    storage = study._storage
     try:
-        storage.set_trial_system_attr(trial._trial_id, RETRY_REASON, reason)
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        set_system_attr(study, trial, RETRY_REASON, reason)
+        set_user_attr(study, trial, "fail_reason", reason)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-    return fail_if_running(storage, trial._trial_id)
-
-
-def fail_if_running(storage: Any, trial_id: int) -> bool:
-    """RUNNING -> FAIL in one conditional write; True only for the one caller that changed it.
-
-    Optuna's `set_trial_state_values` reads then writes, and on SQLite (no row locks) two processes
-    can both read RUNNING and both "win"; an UPDATE ... WHERE state = RUNNING cannot."""
-    backend = rdb_or_journal(storage)
-    engine = getattr(backend, "engine", None)
-    if engine is None:  # journal: its log orders writes, and a later FAIL of a finished trial raises
-        try:
-            return storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False
-    from optuna.storages._rdb import models
-
-    table = models.TrialModel.__table__
-    with engine.begin() as conn:
-        changed = conn.execute(
-            table.update()
-            .where(table.c.trial_id == trial_id, table.c.state == TrialState.RUNNING)
-            .values(state=TrialState.FAIL, datetime_complete=datetime.now())  # naive local time, as Optuna
-        ).rowcount
-    return changed == 1
+    return fail_if_running(study, trial)
 
 
 def requeue(study: optuna.Study, failed: FrozenTrial, max_retries: int, reason: str) -> int | None:
@@ -87,7 +62,7 @@ def requeue(study: optuna.Study, failed: FrozenTrial, max_retries: int, reason: 
     if len(history) > max_retries:
         log.warning("%s; not retried: %d retries already (max_retries %d)", reason, len(history) - 1, max_retries)
         return None
-    with storage_lock(study._storage, f"retry:{study.study_name}"):
+    with storage_lock(study, f"retry:{study.study_name}"):
         if retry_of(study, failed.number) is not None:
             return None
         study.add_trial(retry_template(failed, history, reason))

@@ -3,12 +3,12 @@
 A trial whose worker dies (SIGKILL, OOM killer, node loss) stays RUNNING in the storage. Every worker runs
 a `Reaper` thread for its whole life, so a dead trial is re-queued within the grace period even while all
 workers are busy training. A RUNNING trial is reaped when
-* its owner (see `studies.owners`) is a process on this machine that is gone: at once; or
+* its owner (see `studies.running.owners`) is a process on this machine that is gone: at once; or
 * its heartbeat (SQLite, PostgreSQL) has not changed for `grace_period` seconds that this reaper itself
   watched with the database reachable. After an outage every clock starts again, so an outage longer
   than the grace period reaps nothing that is alive. A trial that is alive on this machine is never reaped.
 The journal file has no heartbeat: there, only owners on this machine are judged (and unclaimed trials).
-Reaping fails the trial and queues exactly one retry (`studies.retries`); the thread also repairs a
+Reaping fails the trial and queues exactly one retry (`studies.running.retries`); the thread also repairs a
 FAIL trial whose retry went missing. `reap_once` without a watch (`pcvit-study reap`) trusts the
 database's clock instead, as Optuna does.
 """
@@ -24,9 +24,10 @@ from typing import Any, Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from storage.locks import rdb_or_journal
-from studies.owners import OWNER, owner_is_alive, owner_is_dead
-from studies.retries import fail_for_retry, repair_missing_retries, requeue
+from storage.optuna_access import (fail_fast, has_heartbeats, heartbeats, record_heartbeat, stale_trial_ids,
+                                    stored_trial, trial_id)
+from studies.running.owners import OWNER, owner_is_alive, owner_is_dead
+from studies.running.retries import fail_for_retry, repair_missing_retries, requeue
 
 log = logging.getLogger("pcvit.reaper")
 
@@ -52,43 +53,24 @@ class StalenessWatch:
         return {trial_id for trial_id, (_, since) in seen.items() if now - since > self.grace_period}
 
 
-def has_heartbeats(storage: Any) -> bool:
-    return bool(getattr(storage, "get_heartbeat_interval", lambda: None)())
-
-
-def heartbeats(study: optuna.Study) -> dict[int, Any]:
-    """{trial id: last heartbeat (None if never)} of the study's RUNNING trials, in one query."""
-    import sqlalchemy
-    from optuna.storages._rdb import models
-
-    engine = rdb_or_journal(study._storage).engine
-    trials, beats = models.TrialModel.__table__, models.TrialHeartbeatModel.__table__
-    query = (sqlalchemy.select(trials.c.trial_id, beats.c.heartbeat)
-             .select_from(trials.outerjoin(beats, beats.c.trial_id == trials.c.trial_id))
-             .where(trials.c.study_id == study._study_id, trials.c.state == TrialState.RUNNING))
-    with engine.connect() as conn:
-        return {trial_id: beat for trial_id, beat in conn.execute(query)}
-
-
 def reap_once(study: optuna.Study, grace_period: float, max_retries: int,
               watch: StalenessWatch | None = None) -> list[int]:
     """Fail and re-queue the RUNNING trials whose worker is gone; return the numbers this call reaped."""
-    storage = study._storage
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    beating = has_heartbeats(storage)
+    beating = has_heartbeats(study)
     if beating and watch is not None:
         stale = watch.stale(heartbeats(study))
     elif beating:
-        stale = set(storage._get_stale_trial_ids(study._study_id))
+        stale = stale_trial_ids(study)
     else:  # journal: an unclaimed trial is judged by the time since it started
         now = time.time()
-        stale = {t._trial_id for t in running
+        stale = {trial_id(t) for t in running
                  if t.datetime_start and now - t.datetime_start.timestamp() > grace_period}
     reaped = []
     for trial in running:
-        reason = dead_reason(trial, trial._trial_id in stale, beating, grace_period)
+        reason = dead_reason(trial, trial_id(trial) in stale, beating, grace_period)
         if reason and fail_for_retry(study, trial, reason):
-            requeue(study, storage.get_trial(trial._trial_id), max_retries, reason)
+            requeue(study, stored_trial(study, trial), max_retries, reason)
             reaped.append(trial.number)
     repair_missing_retries(study, max_retries)
     return reaped
@@ -141,19 +123,21 @@ class Reaper:
             self.trial_id = None
 
     def _beat(self) -> None:
-        trial_id = self.trial_id
-        if trial_id is None or not has_heartbeats(self.study._storage):
+        beating_for = self.trial_id
+        if beating_for is None or not has_heartbeats(self.study):
             return
         try:
-            self.study._storage.record_heartbeat(trial_id)
+            with fail_fast(self.study):  # a beat that waits out an outage would arrive late anyway
+                record_heartbeat(self.study, beating_for)
         except Exception as exc:  # noqa: BLE001 - keep beating through a database restart
-            self._unreachable(f"heartbeat of trial id {trial_id}", exc)
+            self._unreachable(f"heartbeat of trial id {beating_for}", exc)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._beat()
             try:
-                reaped = reap_once(self.study, self.watch.grace_period, self.max_retries, self.watch)
+                with fail_fast(self.study):  # staleness is judged by the clock: never judge after a wait
+                    reaped = reap_once(self.study, self.watch.grace_period, self.max_retries, self.watch)
             except Exception as exc:  # noqa: BLE001 - an outage: judge nothing until it is over
                 self._unreachable("reaping", exc)
                 continue

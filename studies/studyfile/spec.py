@@ -20,7 +20,7 @@ from typing import Any, Callable
 import yaml
 
 from pcvit.config import Config, ConfigError, coerce, field_names
-from studies.strict_yaml import load_strict
+from studies.studyfile.strict_yaml import load_strict
 
 
 class StudyFileError(ValueError):
@@ -28,6 +28,8 @@ class StudyFileError(ValueError):
 
 
 # --- the schema, as data ---------------------------------------------------------------------------
+SPEC_ATTR = "study_spec"  # study user attr holding the validated study file
+
 METRICS = {  # metric -> the per-epoch value reported to Optuna for pruning
     "best_probe_accuracy": "probe_accuracy",
     "best_train_mse": "train_mse",
@@ -182,7 +184,7 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
     _check_questions(doc["questions"], space, fail)
     _check_configs(doc["fixed"], space, fail)
     _check_metric_is_measured(doc["metric"], doc["fixed"], space, fail)
-    return StudySpec(source, doc, text)  # commands also build its sampler and pruner (studies.search.load_study_file)
+    return StudySpec(source, doc, text)  # commands also build its sampler and pruner (studies.studyfile.search.load_study_file)
 
 
 # --- pieces ----------------------------------------------------------------------------------------

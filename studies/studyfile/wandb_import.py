@@ -5,7 +5,7 @@ Mapping: `method` random/grid -> sampler random/grid; `metric` {name, goal} -> m
 `min`/`max` with `distribution` uniform -> float, int_uniform -> int, log_uniform_values -> float log,
 q_uniform -> float with step q, log_uniform (bounds are exponents: e^min..e^max) -> float log;
 `early_terminate` hyperband -> pruner hyperband; `run_cap` (else `count`, else the grid size) -> n_trials.
-Keys of the original sweep that had no effect (`studies.spec.NO_EFFECT`) are dropped with a printed note
+Keys of the original sweep that had no effect (`studies.studyfile.spec.NO_EFFECT`) are dropped with a printed note
 naming each; launch settings (program, command, project, entity) are ignored with a note; anything else
 this cannot express (bayes, normal distributions, probabilities, nested parameters, unknown keys) is an error.
 """
@@ -19,8 +19,8 @@ from typing import Any, Callable
 import yaml
 
 from pcvit.config import ConfigError, coerce, field_names
-from studies.search import check_sampler_and_pruner
-from studies.spec import METRICS, NO_EFFECT, StudyFileError, validate
+from studies.studyfile.search import check_sampler_and_pruner
+from studies.studyfile.spec import METRICS, NO_EFFECT, StudyFileError, validate
 
 LAUNCH_KEYS = ("program", "command", "project", "entity")
 SWEEP_KEYS = ("method", "metric", "parameters", "name", "description", "early_terminate", "run_cap", "count",
