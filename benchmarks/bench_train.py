@@ -123,10 +123,12 @@ class Trial:
         if impl == "vjp" and compiled:  # the same in-place steps as inference.settle_states, compiled
             step, original = compile_fn(state_step_), train_module.settle_states
 
-            def settle(model, x, states, steps, lr_at, momentum, clip_norm, scales, **hooks):
-                if hooks:
-                    return original(model, x, states, steps, lr_at, momentum, clip_norm, scales, **hooks)
-                return settle_states_inplace(model, x, states, steps, lr_at, momentum, clip_norm, scales, step=step)
+            def settle(model, x, states, steps, lr_at, momentum, clip_norm, scales, grad_norm_target=None, **hooks):
+                if any(hook is not None for hook in hooks.values()):
+                    return original(model, x, states, steps, lr_at, momentum, clip_norm, scales,
+                                    grad_norm_target=grad_norm_target, **hooks)
+                return settle_states_inplace(model, x, states, steps, lr_at, momentum, clip_norm, scales, step=step,
+                                             grad_norm_target=grad_norm_target)
             self.patches.append((train_module, "settle_states", settle))
         if compiled:  # the autograd path (and every weight step) goes through a compiled energy
             self.run.model.energy = torch.compile(self.run.model.energy, mode=compile_mode, dynamic=False)

@@ -69,9 +69,10 @@ class ConsoleListener(Listener):
         print(" ".join(row), file=self.stream, flush=True)
         if metrics.get("probe_converged") is False and not self.warned_probe:
             self.warned_probe = True
-            print(f"warning: the probe's head took only {metrics['probe_steps']} steps (< linear_probe_min_steps "
-                  f"{run.config.linear_probe_min_steps}): its accuracy measures little. Raise linear_probe_epochs "
-                  "or set linear_probe_solver=lbfgs.", file=self.stream, flush=True)
+            change = run.config.linear_probe_converged_change
+            print(f"warning: the probe's head was still learning after {metrics['probe_steps']} steps (over the last tenth "
+                  f"its loss moved by more than {change:g} of where it started): its accuracy understates the features. Raise "
+                  "linear_probe_epochs or set linear_probe_solver=lbfgs.", file=self.stream, flush=True)
         if self.diagnostics and "node_energy" in metrics:
             print(format_table(metrics, run.config.num_blocks), file=self.stream, flush=True)
 

@@ -106,7 +106,9 @@ class Config:
     linear_probe_seed: int = 123
     linear_probe_solver: str = "adamw"  # adamw: linear_probe_epochs of minibatch AdamW (the original);
     #                                     lbfgs: full-batch L-BFGS on the same loss until it converges
-    linear_probe_min_steps: int = 500  # fewer AdamW steps than this: the probe is flagged as not converged
+    linear_probe_converged_change: float = 0.01  # AdamW head: converged when its mean loss over the last tenth of
+    # the steps differs from the tenth before by at most this fraction of the first tenth's (else probe_converged
+    # false)
 
     # --- the original's fresh-state switches (pcx STATUS.INIT: h0 redrawn, every other state := its prediction) --
     use_status_init_in_training: bool = False  # every training batch starts from fresh states (else: carried over)
@@ -143,6 +145,11 @@ class Config:
         """The residual branch multiplier a for `residual_branch_scale`."""
         L = self.num_blocks
         return {"1": 1.0, "1/sqrt(L)": 1.0 / math.sqrt(L), "1/L": 1.0 / L}[self.residual_branch_scale]
+
+    @property
+    def grad_norm_target(self) -> float | None:
+        """The per-node gradient norm of use_vode_grad_norm, None when it is off."""
+        return self.vode_grad_norm_target if self.use_vode_grad_norm else None
 
     @property
     def probe_steps(self) -> int:
@@ -280,7 +287,8 @@ def _validate(c: Config) -> None:
          f"must be one of {', '.join(ENERGY_WEIGHTINGS)}, got {c.energy_weighting!r}")
     need(c.linear_probe_solver in PROBE_SOLVERS, "linear_probe_solver",
          f"must be one of {', '.join(PROBE_SOLVERS)}, got {c.linear_probe_solver!r}")
-    need(c.linear_probe_min_steps >= 0, "linear_probe_min_steps", f"must be >= 0, got {c.linear_probe_min_steps}")
+    need(c.linear_probe_converged_change > 0, "linear_probe_converged_change",
+         f"must be > 0, got {c.linear_probe_converged_change}")
     need(c.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
     need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
          f"must be auto, cpu or cuda[:N], got {c.device!r}")

@@ -157,7 +157,7 @@ def state_step_(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor, m_top: Ten
 
 
 def settle_states_inplace(model: PCViT, x: Tensor, states, steps: int, lr_at, momentum: float, clip_norm: float,
-                          scales: Tensor, step=state_step_):
+                          scales: Tensor, step=state_step_, grad_norm_target: float | None = None):
     """`inference.settle_states` without its hooks, on `state_step_`: the same states, fewer passes over memory.
 
     `step` may be a compiled `state_step_`. The input states are not modified; returns new `States`.
@@ -166,11 +166,9 @@ def settle_states_inplace(model: PCViT, x: Tensor, states, steps: int, lr_at, mo
     m_top, m_hidden = torch.zeros_like(top), torch.zeros_like(hidden)
     scale_hidden = scales[1:].to(hidden.dtype).to(hidden.device)[:, None, None, None]
     lrs = torch.tensor([lr_at(t) for t in range(steps)], dtype=hidden.dtype).to(hidden.device)  # one copy
-    c = model.config
-    target = c.vode_grad_norm_target if c.use_vode_grad_norm else None
     for t in range(steps):
         step(model, x, top, hidden, m_top, m_hidden, lrs[t], momentum, clip_norm, float(scales[0]), scale_hidden,
-             target)
+             grad_norm_target)
     return type(states)(top, hidden)
 
 

@@ -97,15 +97,18 @@ class StepRecord:
 def settle_states(model: PCViT, x: Tensor, states: States, steps: int, lr_at: Callable[[int], float],
                   momentum: float, clip_norm: float, scales: Tensor,
                   before_step: Callable[[int, States], None] | None = None,
-                  record: list[StepRecord] | None = None) -> States:
+                  record: list[StepRecord] | None = None, grad_norm_target: float | None = None) -> States:
     """Run `steps` inference steps from `states` with a fresh momentum buffer; returns the new states.
 
     The input states are not modified. `before_step(t, states)` sees the states before update t
     (validation records its reconstruction there); `record` collects a StepRecord per step.
+    `grad_norm_target` (use_vode_grad_norm; training and probe features only, as the original): every node's
+    whole-batch gradient is rescaled to that norm before the global clip.
     With `implementation: vjp` and no hooks, the same step runs in place (`energy_vjp.settle_states_inplace`).
     """
     if model.config.implementation == "vjp" and before_step is None and record is None:
-        return settle_states_inplace(model, x, states, steps, lr_at, momentum, clip_norm, scales)
+        return settle_states_inplace(model, x, states, steps, lr_at, momentum, clip_norm, scales,
+                                     grad_norm_target=grad_norm_target)
     top, hidden = states.top.clone(), states.hidden.clone()
     scale_top = float(scales[0])
     scale_hidden = scales[1:].to(hidden.dtype).to(hidden.device)[:, None, None, None]  # (L+1, 1, 1, 1)
@@ -116,8 +119,8 @@ def settle_states(model: PCViT, x: Tensor, states: States, steps: int, lr_at: Ca
         energy, g_top, g_hidden = state_grads(model, x, States(top, hidden))
         g_top = g_top * scale_top
         g_hidden = g_hidden * scale_hidden
-        if model.config.use_vode_grad_norm:  # every node's whole-batch gradient to the same norm
-            target = model.config.vode_grad_norm_target
+        if grad_norm_target is not None:  # every node's whole-batch gradient to the same norm
+            target = grad_norm_target
             g_top = g_top / (g_top.norm() + VODE_GRAD_NORM_EPS) * target
             g_hidden = g_hidden / (torch.linalg.vector_norm(g_hidden, dim=(1, 2, 3), keepdim=True)
                                    + VODE_GRAD_NORM_EPS) * target

@@ -40,7 +40,7 @@ def extract_features(model: PCViT, states: States, images: Tensor, data: ImageDa
         else:
             start_states = states.head(len(x))  # slot i starts from slot i; a partial batch uses the first slots
         final = settle_states(model, x, start_states, config.probe_steps, lambda t: lr, config.hidden_momentum,
-                              config.h_grad_clip_norm, scales)
+                              config.h_grad_clip_norm, scales, grad_norm_target=config.grad_norm_target)
         nodes = final.as_list()
         features.append(torch.cat([nodes[i].mean(dim=1) for i in config.linear_probe_vode_indices], dim=1))
     return torch.cat(features)
@@ -59,7 +59,7 @@ class ProbeFit:
 
     accuracy: float
     steps: int  # AdamW minibatch steps, or L-BFGS iterations
-    converged: bool  # adamw: at least linear_probe_min_steps steps; lbfgs: stopped by its tolerance, not its cap
+    converged: bool  # adamw: its loss had settled (linear_probe_converged_change); lbfgs: stopped by its tolerance
 
     def describe(self) -> str:
         return "" if self.converged else f" (probe NOT converged: {self.steps} steps; raise linear_probe_epochs " \
@@ -106,7 +106,7 @@ def fit_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: T
 
     optimizer = torch.optim.AdamW([weight, bias], lr=config.linear_probe_lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=config.linear_probe_wd)
-    best, steps = 0.0, 0
+    best, losses = 0.0, []
     B = config.linear_probe_batch_size
     for _ in range(config.linear_probe_epochs):
         order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
@@ -116,9 +116,22 @@ def fit_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: T
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            steps += 1
+            losses.append(loss.detach())
         best = max(best, test_accuracy())
-    return ProbeFit(best, steps, steps >= config.linear_probe_min_steps)
+    return ProbeFit(best, len(losses), loss_settled(torch.stack(losses), config.linear_probe_converged_change))
+
+
+def loss_settled(losses: Tensor, tolerance: float) -> bool:
+    """True when the mean loss of the last tenth of the steps differs from that of the tenth before it by at most
+    `tolerance` times the first tenth's: the head has stopped learning, whatever the number of steps (measured
+    against where the loss started, so a loss near zero that still creeps does not count as learning).
+    Fewer than 20 steps: never."""
+    window = len(losses) // 10
+    if window < 2:
+        return False
+    first, before, last = (losses[s].mean().item() for s in  # GPU syncs, once per probe
+                           (slice(0, window), slice(-2 * window, -window), slice(-window, None)))
+    return abs(last - before) <= tolerance * abs(first)
 
 
 def probe_accuracy(model: PCViT, states: States, data: ImageData, config: Config) -> ProbeFit:

@@ -106,7 +106,7 @@ class Run:
         the last batch of an epoch also its dE/dh at the settled states (the backward then also reaches them)."""
         c = self.config
         start = self.start_states(len(x), c.use_status_init_in_training)
-        final = self.settle(x, start, c.inference_steps)
+        final = self.settle(x, start, c.inference_steps, grad_norm_target=c.grad_norm_target)
         set_lr(self.optim_w, weight_lr(c, self.global_step, self.total_steps))
         self.optim_w.zero_grad(set_to_none=True)
         diagnose = c.node_diagnostics

@@ -63,7 +63,7 @@ def test_branch_scale_is_one_of_the_choices_and_resolves_by_depth():
     assert tiny_config(num_blocks=4, residual_branch_scale="1/sqrt(L)").branch_scale == 0.5
     assert tiny_config(num_blocks=4, residual_branch_scale="1/L").branch_scale == 0.25
     for field, value in (("residual_branch_scale", "0.5"), ("energy_weighting", "max"),
-                         ("linear_probe_solver", "sgd"), ("linear_probe_min_steps", -1)):
+                         ("linear_probe_solver", "sgd"), ("linear_probe_converged_change", 0)):
         with pytest.raises(ConfigError) as info:
             tiny_config(**{field: value})
         assert info.value.field == field and str(value) in str(info.value)
@@ -166,7 +166,7 @@ def test_baseline_uses_the_configured_probe_solver():
 
 
 def test_a_study_file_with_an_impossible_option_is_refused_naming_the_key(tmp_path):
-    from studies.spec import StudyFileError, load_spec
+    from studies.studyfile.spec import StudyFileError, load_spec
 
     text = (REPO / "studies" / "fashion-mnist-12block.yaml").read_text()
     bad = tmp_path / "bad.yaml"
@@ -189,16 +189,48 @@ def test_vode_grad_norm_gives_every_node_the_same_step_in_every_implementation()
                              vode_grad_norm_target=0.5)
         model = tiny_model(config)
         x, start = random_images(model, 3), random_states(model, 3)
-        end = settle_states(model, x, start, 1, lambda t: 0.1, 0.0, 1e9, layer_scales(config))
+        end = settle_states(model, x, start, 1, lambda t: 0.1, 0.0, 1e9, layer_scales(config),
+                            grad_norm_target=config.grad_norm_target)
         moved[implementation] = torch.stack([(end.top - start.top).norm()] +
                                             [(a - b).norm() for a, b in zip(end.hidden, start.hidden)])
         assert moved[implementation].tolist() == pytest.approx([0.05] * 5, rel=1e-4)
-        two = settle_states(model, x, start, 3, lambda t: 0.1, 0.4, 1e9, layer_scales(config))
+        two = settle_states(model, x, start, 3, lambda t: 0.1, 0.4, 1e9, layer_scales(config),
+                            grad_norm_target=config.grad_norm_target)
         moved[implementation + "3"] = two.hidden
     assert relative_error(moved["vjp3"], moved["plain3"]) < 1e-5
     off = tiny_model(tiny_config(num_blocks=3))
-    end = settle_states(off, x, start, 1, lambda t: 0.1, 0.0, 1e9, layer_scales(off.config))
+    end = settle_states(off, x, start, 1, lambda t: 0.1, 0.0, 1e9, layer_scales(off.config),
+                        grad_norm_target=off.config.grad_norm_target)
     assert (end.top - start.top).norm().item() != pytest.approx(0.05, rel=1e-2)  # off by default
+
+
+@pytest.mark.parametrize("implementation", ["plain", "vjp"])
+def test_vode_grad_norm_acts_in_training_and_probe_features_only(implementation, monkeypatch):
+    """As the original: the rescaled gradients drive training inference and the probe's feature extraction;
+    validation and reconstruction settle with the plain (layer-scaled, clipped) gradients."""
+    import importlib
+
+    targets = []
+    train_module, probe_module = importlib.import_module("pcvit.train"), importlib.import_module("pcvit.probe")
+    for module in (train_module, probe_module):
+        original = module.settle_states
+
+        def spy(*args, original=original, where=module.__name__, **kwargs):
+            targets.append((where, kwargs.get("before_step") is not None, kwargs.get("grad_norm_target")))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "settle_states", spy)
+    config = tiny_config(num_blocks=2, implementation=implementation, use_vode_grad_norm=True,
+                         vode_grad_norm_target=0.5)
+    run = Run(config, load_data(config))
+    x = run.data.normalise(run.data.train_images[: config.batch_size])
+    run.train_on_batch(x)
+    run.settle_and_reconstruct(x, len(x), 2)
+    probe_module.extract_features(run.model, run.states, run.data.train_images[:4], run.data, config)
+    assert targets == [("pcvit.train", False, 0.5), ("pcvit.train", True, None), ("pcvit.probe", False, 0.5)]
+    off = Run(config.replace(use_vode_grad_norm=False), load_data(config))  # same seed: the same model and states
+    assert torch.equal(off.settle_and_reconstruct(x, len(x), 3), Run(config, load_data(config))
+                       .settle_and_reconstruct(x, len(x), 3))  # reconstruction does not see the switch
 
 
 def test_a_numeric_choice_given_on_the_command_line_reads_as_its_text():

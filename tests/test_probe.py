@@ -53,3 +53,16 @@ def test_lbfgs_probe_converges_where_one_adamw_epoch_does_not():
     assert lbfgs.converged and 0 < lbfgs.steps < 1000 and long.converged
     assert lbfgs.accuracy > short.accuracy + 0.1  # ten AdamW steps from a random head measure the start, not the data
     assert abs(lbfgs.accuracy - long.accuracy) < 0.02  # the two solvers agree once both have converged
+
+
+def test_convergence_is_decided_by_the_loss_not_by_a_step_count():
+    """A faithful CIFAR-10 probe takes 250 AdamW steps: a head that has settled by then is converged, and one
+    stopped while its loss still falls is not, whatever the count."""
+    train_x, train_y = blobs(2000, 16, separation=3.0, seed=4)
+    test_x, test_y = blobs(500, 16, separation=3.0, seed=5)
+    settled = fit_linear_probe(train_x, train_y, test_x, test_y,
+                               tiny_config(linear_probe_batch_size=200, linear_probe_epochs=25, linear_probe_lr=5e-2))
+    falling = fit_linear_probe(train_x, train_y, test_x, test_y,
+                               tiny_config(linear_probe_batch_size=200, linear_probe_epochs=25, linear_probe_lr=1e-3))
+    assert settled.steps == falling.steps == 250
+    assert settled.converged and not falling.converged
