@@ -23,7 +23,6 @@ Installed as `pcvit-worker`. The storage URL may also come from $OPTUNA_STORAGE.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -39,18 +38,18 @@ import optuna
 import torch
 
 import storage
-from pcvit import Config, DatasetError, Listener, RunResult, load_data, train
+from pcvit import Config, DatasetError, Listener, RunResult, StopReason, load_data, probe_controls, train
+from pcvit.listeners import significant
 from storage.optuna_access import DB_PATIENCE_S, retrying, stored_trial, study_id
 from storage.checkpoints import CheckpointFiles
 from studies.running import retries
 from studies.results.curves import save_curves
 from studies.results.dashboard_notes import save_note, trial_note, update_study_note
-from studies.results.reconstruction_view import labelled_grid
-from studies.studyfile.search import build_pruner, build_sampler, new_sampler_seed, representative_params, suggest_config
+from studies.studyfile.samplers import new_sampler_seed
+from studies.studyfile.search import representative_params, suggest_config
 from studies.running.side_channels import Tolerant, best_effort
-from studies.studyfile.spec import METRICS, StudyFileError, StudySpec
+from studies.studyfile.spec import METRICS, StudyFileError, StudySpec, load_spec
 from studies.running.stopping import SignalGuard, StopOnSignal, WorkerStopped
-from studies.studyfile.study_source import resolve_spec
 from studies.running.worker import join_study, run_worker
 from studies.running.worker_args import parse_worker_args
 
@@ -61,11 +60,11 @@ RESULT_ATTRS = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "bes
 
 
 def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
-              wandb_project: str | None = None) -> float:
+              wandb_project: str | None = None, guard: SignalGuard | None = None) -> float:
     """Suggest a config, train it (a retry goes on from its checkpoint), report and prune, return the metric."""
     config = trial_config(trial, spec)
     resume = load_resume_point(trial, checkpoints)
-    listeners = trial_listeners(trial, spec, store, checkpoints, wandb_project)  # report/prune, checkpoints, artifacts
+    listeners = trial_listeners(trial, spec, store, checkpoints, wandb_project, guard)  # report/prune, checkpoints, artifacts
 
     with tempfile.TemporaryDirectory(prefix=f"pcvit-trial{trial.number}-") as out_dir:
         try:
@@ -74,11 +73,13 @@ def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: Che
             for listener in listeners:
                 getattr(listener, "close", lambda: None)()  # W&B: marks the run failed if training did not return
 
-    if result.stop_reason == "interrupted":  # a signal: the worker re-queues the trial
-        raise WorkerStopped(SignalGuard.installed_guard.signum if SignalGuard.installed_guard else signal.SIGTERM)
+    if result.stop_reason is StopReason.INTERRUPTED:  # a signal: the worker re-queues the trial
+        raise WorkerStopped(guard.signum if guard and guard.signum else signal.SIGTERM)
     summary = record_result(trial, result)
+    if spec.controls and result.probe_accuracies and result.stop_reason is not StopReason.PRUNED:
+        summary.update(record_controls(trial, config))
     _note_trial(trial, summary, result.history)
-    if result.stop_detail == "pruned":
+    if result.stop_reason is StopReason.PRUNED:
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
     value = measured_value(result, spec.metric)
     if value is None:
@@ -98,9 +99,11 @@ def trial_config(trial: optuna.Trial, spec: StudySpec) -> Config:
 
 
 def trial_listeners(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
-                    wandb_project: str | None) -> list[Listener]:
+                    wandb_project: str | None, guard: SignalGuard | None) -> list[Listener]:
     """Optuna (reports, pruning, checkpoints, artifacts), the worker's stop signal, and W&B if asked for."""
-    listeners: list[Listener] = [OptunaListener(trial, spec, store, checkpoints), StopOnSignal()]
+    listeners: list[Listener] = [OptunaListener(trial, spec, store, checkpoints)]
+    if guard is not None:
+        listeners.append(StopOnSignal(guard))
     if wandb_project:
         from studies.running.wandb_log import WandbListener
 
@@ -130,7 +133,7 @@ def load_resume_point(trial: optuna.Trial, checkpoints: CheckpointFiles) -> dict
 def measured_value(result: RunResult, metric: str) -> float | None:
     """The trial's value of `metric`, or None when the run never measured it (diverged before the first probe,
     or before any finite MSE). A diverged run keeps the best value it measured before the NaN."""
-    value = float(f"{getattr(result, metric):.6g}")  # float32 noise is no information
+    value = significant(float(getattr(result, metric)), 6)
     if not result.diverged:
         return value
     if metric == "best_probe_accuracy" and not result.probe_accuracies:
@@ -151,26 +154,23 @@ def record_result(trial: optuna.Trial, result: RunResult) -> dict[str, Any]:
     return summary
 
 
+def record_controls(trial: optuna.Trial, config: Config) -> dict[str, Any]:
+    """Probe the trial's controls (the same network untrained, a PCA of the pixels, raw patches) and store
+    them as user attributes (`untrained_baseline`, `pca_baseline`, ...); the report sets the best trial beside
+    them. Turned off by `controls: false` in the study file."""
+    controls = best_effort(f"the controls of trial {trial.number}", probe_controls, load_data(config), config)
+    if controls is None:
+        return {}
+    for key, value in controls.summary().items():
+        trial.set_user_attr(key, value)
+    return controls.summary()
+
+
 def result_attrs(result: RunResult) -> dict[str, Any]:
-    """The run's summary as user attributes: rounded to the digits that mean something, and a pruned run says so.
-
-    Non-finite numbers are "inf"/"nan" strings: JSON (and the dashboard) can read them.
-    """
-    summary = result.to_dict()
-    if result.stop_detail == "pruned":  # the run only knows that someone asked it to stop
-        summary["stop_reason"] = "pruned"
-    for key, value in summary.items():
-        if isinstance(value, float) and math.isfinite(value):
-            summary[key] = round(value, 1) if key.endswith("_s") else float(f"{value:.4g}")
-    summary["node_diagnostics"] = {k: _significant(v) for k, v in summary["node_diagnostics"].items()}
-    return summary
-
-
-def _significant(value: Any) -> Any:
-    """4 significant digits, also inside lists (the per-node diagnostics)."""
-    if isinstance(value, list):
-        return [_significant(v) for v in value]
-    return float(f"{value:.4g}") if isinstance(value, float) and math.isfinite(value) else value
+    """The run's summary as user attributes, rounded to the digits that mean something (seconds to 0.1 s).
+    Non-finite numbers are "inf"/"nan" strings: JSON (and the dashboard) can read them."""
+    return {key: round(value, 1) if key.endswith("_s") and isinstance(value, float) else significant(value)
+            for key, value in result.to_dict().items()}
 
 
 def _note_trial(trial: optuna.Trial, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
@@ -194,24 +194,20 @@ class OptunaListener(Listener):
     def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
         value = metrics.get(self.report_key)
         if value is not None and epoch not in self.reported:
-            self.trial.report(float(f"{value:.6g}"), epoch)  # float32 noise is no information
+            self.trial.report(significant(value, 6), epoch)
             self.reported.add(epoch)
             if self.trial.should_prune():
-                run.request_stop("pruned")
+                run.request_stop(StopReason.PRUNED, f"the pruner stopped it after epoch {epoch}")
         every = self.spec.checkpoint_every_n_epochs
-        ongoing = run.stop_request is None and run.result.stop_reason == "completed" and epoch < run.config.epochs
+        ongoing = run.stop_request is None and run.result.stop_reason is StopReason.COMPLETED and epoch < run.config.epochs
         if every and ongoing and epoch % every == 0:
             self.save_checkpoint(run.checkpoint(), epoch)
 
     def on_images(self, run: Any, epoch: int, path: Path) -> None:
-        readable = path.parent / "labelled" / path.name  # same name: the dashboard shows the readable one
-        readable.parent.mkdir(exist_ok=True)
-        grid = best_effort(f"labelling {path.name}", labelled_grid, path, readable)
-        if grid is not None:
-            self.upload(grid)
+        self.upload(path)
 
     def on_end(self, run: Any, result: RunResult) -> None:
-        if result.stop_reason == "interrupted":
+        if result.stop_reason is StopReason.INTERRUPTED:
             return  # the retry resumes from the last checkpoint
         if self.spec.checkpoint_every_n_epochs and not self.checkpoint.get("trained"):
             # kept until the worker has stored the result: a retry after a kill records it, not retrains
@@ -222,10 +218,7 @@ class OptunaListener(Listener):
                              f"trial {self.trial.number}: {result.stop_reason}")
         if curves is not None:
             self.upload(curves)
-        metrics_path = run.out_dir / "metrics.jsonl"  # rewritten from the history: a resumed run's is complete
-        best_effort("writing metrics.jsonl", metrics_path.write_text,
-                    "".join(json.dumps({k: _finite_or_text(v) for k, v in h.items()}) + "\n" for h in result.history))
-        self.upload(metrics_path)
+        self.upload(run.out_dir / "metrics.jsonl")  # the whole run's: a resumed run writes what it inherited
         if not result.diverged:
             weights = run.out_dir / "final_weights.pt"
             if best_effort("saving the final weights", lambda: torch.save(run.model.state_dict(), weights) or True):
@@ -245,10 +238,6 @@ class OptunaListener(Listener):
         mimetype = {".png": "image/png", ".jsonl": "text/plain"}.get(path.suffix, "application/octet-stream")
         best_effort(f"upload of {path.name}", optuna.artifacts.upload_artifact, artifact_store=self.store,
                     file_path=str(path), study_or_trial=self.trial, mimetype=mimetype)
-
-
-def _finite_or_text(value: Any) -> Any:
-    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
 @functools.lru_cache(maxsize=1)
@@ -273,20 +262,28 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def check_dataset(spec: StudySpec) -> None:
+    """Load the data a trial would (then cached for the worker's trials): DatasetError if it is missing."""
+    load_data(Config.from_dict(suggest_config(optuna.trial.FixedTrial(representative_params(spec)), spec)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_worker_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage.resolve_url(args.storage)
     try:
-        spec = resolve_spec(url, args.study_name, args.study_file)
-        base = Config.from_dict(suggest_config(optuna.trial.FixedTrial(representative_params(spec)), spec))
-        load_data(base)  # a missing dataset fails here, before the storage is touched (and stays cached)
+        spec = load_spec(args.study_file) if args.study_file else None
+        if spec is not None:
+            check_dataset(spec)  # a missing dataset fails before the storage is touched
+        elif not args.study_name:
+            raise StudyFileError("give --study-name NAME or --study-file FILE")
         sampler_seed = new_sampler_seed()
-        db = storage.wait_for_storage(url, spec.heartbeat_interval, spec.grace_period, check_budget=True)
+        db = storage.wait_for_storage(url, check_budget=True)
         db = retrying(db, patience_s=storage.STARTUP_PATIENCE_S)  # every storage call waits out an outage
-        study = join_study(db, url, args.study_name or spec.name, spec, build_sampler(spec, sampler_seed),
-                           build_pruner(spec))
+        study, spec = join_study(db, url, args.study_name, spec, sampler_seed)
+        if not args.study_file:
+            check_dataset(spec)
         db.patience_s = DB_PATIENCE_S  # joined: from now on a trial waits longer before it gives up
     except (StudyFileError, storage.StorageError, DatasetError) as exc:
         print(f"pcvit-worker: error: {exc}", file=sys.stderr)
@@ -299,15 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     log.info("worker joins study %r in %s (sampler seed %d)", study.study_name, storage.mask_password(url),
              sampler_seed)
 
+    guard = SignalGuard()  # the worker's: installed by its loop, heard by each trial's training run
+
     def run_objective(trial: optuna.Trial) -> float:
         if "sampler_seed" not in trial.user_attrs:  # a retry keeps the seed that sampled its params
             trial.set_user_attr("sampler_seed", sampler_seed)
         try:
-            return objective(trial, spec, store, checkpoints, args.wandb)
+            return objective(trial, spec, store, checkpoints, args.wandb, guard)
         finally:
             update_study_note(study, spec)  # before the trial is told: the report lags one trial behind
 
-    code = run_worker(study, spec, run_objective, args.n_trials, checkpoints)
+    code = run_worker(study, spec, run_objective, args.n_trials, checkpoints, guard)
     update_study_note(study, spec)
     return code
 

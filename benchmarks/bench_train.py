@@ -44,7 +44,7 @@ import pcvit.config as pcvit_config  # noqa: E402
 from pcvit.config import Config, resolve_precision  # noqa: E402
 from pcvit.data import load_data  # noqa: E402
 from pcvit.energy_vjp import resolve_attention, settle_states_inplace, state_step_  # noqa: E402
-from pcvit.train import Run  # noqa: E402
+from pcvit.train import Run, matmul_precision  # noqa: E402
 
 train_module = importlib.import_module("pcvit.train")  # `pcvit.train` the attribute is the train() function
 
@@ -137,7 +137,7 @@ class Trial:
         self.cpu_times: list[float] = []
 
     def train_batch(self, b: int) -> None:
-        with patched(self.patches):
+        with patched(self.patches), matmul_precision(self.precision):
             sync(self.device)
             t0, c0 = time.perf_counter(), time.process_time()
             self.run.train_on_batch(self.xs[b])

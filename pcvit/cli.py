@@ -23,8 +23,8 @@ import yaml
 from .config import Config, ConfigError, coerce, field_names, resolve_precision
 from .data import DatasetError, load_data, resolve_device
 from .diagnostics import format_table
-from .listeners import Listener, RunResult
-from .probe import raw_patch_baseline
+from .listeners import Listener, RunResult, StopReason
+from .controls import probe_controls
 from .train import Run
 
 SUGAR = ("num_blocks", "hidden_size", "num_heads", "dataset", "epochs", "batch_size", "train_subset",
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="folder for images and metrics.jsonl")
     p.add_argument("--summary-json", type=Path, help="write the final summary here (default: OUT/summary.json)")
     p.add_argument("--baseline", action="store_true",
-                   help="also print the raw-patch probe baseline (same probe protocol, no model)")
+                   help="also probe the controls, the same probe on the same images: raw patches, the same network "
+                        "untrained, and a PCA of the pixels to the probed feature dimension (pcvit.controls)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--diagnostics", action="store_true",
                    help="print per-node energy, state RMS, |dE/dh| and top-latent movement under each epoch's row")
@@ -154,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{config.num_blocks} blocks, hidden {config.hidden_size}, {config.num_heads} heads, "
            f"{config.implementation}, {resolve_precision(config.precision, device.type)} matmuls | "
            f"torch {torch.__version__}", flush=True)
-    baseline = None
+    controls = None
     if args.baseline:
-        baseline = raw_patch_baseline(data, config)
-        print(f"raw-patch probe baseline: {baseline.accuracy:.4f}{baseline.describe()}", flush=True)
+        controls = probe_controls(data, config)
+        print(f"controls ({controls.time_s:.0f} s): {controls.describe()}", flush=True)
     started = time.time()
     console = ConsoleListener(progress=not args.no_progress, diagnostics=args.diagnostics)
     run = Run(config, data, [console], out_dir=args.out)
@@ -168,13 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     summary = {**result.to_dict(), "config": config.to_dict(), "torch": torch.__version__,
-               "raw_patch_baseline": None if baseline is None else baseline.accuracy,
+               **(controls.summary() if controls else {}),
                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))}
     summary_path = args.summary_json or args.out / "summary.json"
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"summary: {summary_path}", flush=True)
-    return 130 if result.stop_reason == "interrupted" else 0
+    return 130 if result.stop_reason is StopReason.INTERRUPTED else 0
 
 
 if __name__ == "__main__":

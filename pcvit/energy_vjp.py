@@ -50,7 +50,7 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     L1, B, N, H = hidden.shape  # L1 = L + 1 hidden nodes
     L, BN = L1 - 1, hidden.shape[1] * hidden.shape[2]
     nh, d = c.num_heads, c.head_dim
-    r = model._residual - 1.0  # u = r*z + z1 + m with z1 = z + attn: double residual r = 1, single r = 0
+    r = model.residual_adds - 1.0  # u = r*z + z1 + m with z1 = z + attn: double residual r = 1, single r = 0
     mm = _Products(c.precision)
     backend = resolve_attention(attention, hidden.device, nh, d, c.precision, hidden.dtype)
 
@@ -69,7 +69,7 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     qkv = mm.baddbmm(torch.bmm(model.ln1_b[:, None], w_qkv), hat1, w_qkv_ln)  # (L, BN, 3H)
     att_out, saved = _attention_forward(backend, qkv, L, B, N, nh, d, mm)  # (L, BN, H)
     # depth-scaled branches: a*(attn @ Wo) and a*(act @ W2 + b2) are products with a*Wo, a*W2 and the bias a*b2
-    a = model._branch
+    a = model.branch_scale
     w_o, w_fc2, b_fc2 = (model.attn_o, model.fc2_w, model.fc2_b) if a == 1 else \
         (a * model.attn_o, a * model.fc2_w, a * model.fc2_b)
     z1 = mm.baddbmm(z, att_out, w_o)  # z + a*attn, (L, BN, H)

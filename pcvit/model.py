@@ -90,8 +90,8 @@ class PCViT(nn.Module):
         if c.use_vode_state_layernorm:  # one LayerNorm per state that feeds a layer: nodes 1..L+1
             self.state_ln_w, self.state_ln_b = nn.Parameter(torch.ones(L + 1, H)), nn.Parameter(torch.zeros(L + 1, H))
         self.register_buffer("pos_embed", positional_encoding(self.grid, H, c.theta), persistent=False)
-        self._residual = 2.0 if c.residual == "double" else 1.0  # how often the outer residual adds h
-        self._branch = c.branch_scale  # a: each residual branch (attention, MLP) is multiplied by it
+        self.residual_adds = 2.0 if c.residual == "double" else 1.0  # how often the outer residual adds h
+        self.branch_scale = c.branch_scale  # a: each residual branch (attention, MLP) is multiplied by it
         # `energy_weighting`: weight of every hidden node's energy (the image's is 1); mean = image / node elements
         self.hidden_node_weight = 1.0 if c.energy_weighting == "sum" else \
             (channels * image_size ** 2) / (self.num_patches * H)
@@ -122,10 +122,10 @@ class PCViT(nn.Module):
         v = (a_in @ self.attn_v[l]).reshape(B, N, nh, d).transpose(1, 2)
         weights = torch.softmax((q / math.sqrt(d)) @ k.transpose(-1, -2), dim=-1)  # (B, nh, N, N), over keys
         a = (weights @ v).transpose(1, 2).reshape(B, N, H) @ self.attn_o[l]  # heads concatenated in order
-        z1 = z + self._branch * a
+        z1 = z + self.branch_scale * a
         m = F.gelu(_layer_norm(z1, self.ln2_w[l], self.ln2_b[l]) @ self.fc1_w[l] + self.fc1_b[l], approximate="tanh")
         m = m @ self.fc2_w[l] + self.fc2_b[l]
-        return (self._residual - 1.0) * z + z1 + self._branch * m
+        return (self.residual_adds - 1.0) * z + z1 + self.branch_scale * m
 
     def blocks_parallel(self, z: Tensor) -> Tensor:
         """All L blocks at once on their own inputs: (L, B, N, H) -> (L, B, N, H)."""
@@ -136,11 +136,11 @@ class PCViT(nn.Module):
         qkv = qkv.reshape(3, L * B, N, nh, d).transpose(2, 3)  # (3, L*B, nh, N, d): 4-D gets the fused kernels
         a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # scale 1/sqrt(d), no mask
         a = a.transpose(1, 2).reshape(L, B * N, H) @ self.attn_o  # (L, B*N, H), heads concatenated in order
-        z1 = z + self._branch * a.reshape(L, B, N, H)
+        z1 = z + self.branch_scale * a.reshape(L, B, N, H)
         m_in = _layer_norm(z1, self.ln2_w[:, None, None], self.ln2_b[:, None, None]).reshape(L, B * N, H)
         m = F.gelu(torch.baddbmm(self.fc1_b[:, None], m_in, self.fc1_w), approximate="tanh")
         m = torch.baddbmm(self.fc2_b[:, None], m, self.fc2_w).reshape(L, B, N, H)
-        return (self._residual - 1.0) * z + z1 + self._branch * m
+        return (self.residual_adds - 1.0) * z + z1 + self.branch_scale * m
 
     def predict(self, h0: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Predictions of every node from the states above it.

@@ -140,16 +140,3 @@ def probe_accuracy(model: PCViT, states: States, data: ImageData, config: Config
     test_features = extract_features(model, states, data.test_images[: config.test_subset], data, config)
     return fit_linear_probe(train_features, data.train_labels, test_features,
                             data.test_labels[: config.test_subset], config)
-
-
-def raw_patch_baseline(data: ImageData, config: Config) -> ProbeFit:
-    """The same probe protocol on the global average of the raw image patches (no model): a floor to beat."""
-    from .model import patchify
-
-    def features(images: Tensor) -> Tensor:
-        return torch.cat([patchify(data.normalise(images[s:s + 1000]), config.patch_size).mean(dim=1)
-                          for s in range(0, len(images), 1000)])
-
-    test_images = data.test_images[: config.test_subset]
-    return fit_linear_probe(features(data.train_images), data.train_labels, features(test_images),
-                            data.test_labels[: config.test_subset], config)

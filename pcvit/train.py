@@ -9,11 +9,12 @@ reconstruction image when due. Listeners hear about each of these and may ask th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -23,12 +24,23 @@ from .data import ImageData, load_data
 from .diagnostics import NODE_LISTS, NodeDiagnostics
 from .images import save_reconstruction_grid
 from .inference import States, init_states, layer_scales, settle_states
-from .listeners import Listener, RunResult
+from .listeners import Listener, RunResult, StopReason, jsonable
 from .model import PCViT
 from .optim import hidden_lr, make_weight_optimizer, scale_and_clip_grads, set_lr, weight_lr
 from .probe import probe_accuracy
 
 MILESTONE_TRAIN_MSE = 0.0008  # the original's save_model_train_mse_threshold: first crossing triggers val + image
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """TF32 matmuls on CUDA while a run trains when `precision` is tf32 (a process-wide switch: restored after)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def clipped_mse(xhat: Tensor, x: Tensor) -> Tensor:
@@ -46,9 +58,6 @@ class Run:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = data.device
         self.precision = resolve_precision(config.precision, self.device.type)  # auto: tf32 on CUDA, as the original
-        if self.device.type == "cuda":  # matmul precision is process-wide: set it for this run
-            torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
-            torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
         self.generator = torch.Generator().manual_seed(config.seed)  # weights, h0 noise, shuffling
         self.model = PCViT(config, data.channels, data.image_size, generator=self.generator).to(self.device)
         self.optim_w = make_weight_optimizer(self.model, config)
@@ -67,20 +76,24 @@ class Run:
         self.early_best: float | None = None
         self.early_counter = 0
         self.milestone_reached = False
-        self.stop_request: str | None = None
-        self.interrupted = False  # set by interrupt(): stop within the current batch loop, not at epoch end
+        self.stop_request: tuple[StopReason, str] | None = None  # (reason, detail), asked by a listener or signal
 
     # --- listener API ---------------------------------------------------------------------------
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, reason: StopReason = StopReason.STOPPED, detail: str = "") -> None:
         """Ask the run to stop after the current callback (pruning, a budget, ...)."""
-        self.stop_request = reason
+        if not isinstance(reason, StopReason):
+            raise TypeError(f"request_stop: reason must be a StopReason, got {reason!r}")
+        self.stop_request = (reason, detail)
 
-    def interrupt(self, reason: str = "interrupted") -> None:
+    def interrupt(self, detail: str = "") -> None:
         """Stop as soon as the current batch is done, without finishing the epoch (Ctrl-C, SIGTERM).
 
-        Safe to call from a signal handler: it only sets flags that the batch loop reads."""
-        self.interrupted = True
-        self.stop_request = reason
+        Safe to call from a signal handler: it only sets the request that the batch loop reads."""
+        self.stop_request = (StopReason.INTERRUPTED, detail)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_request is not None and self.stop_request[0] is StopReason.INTERRUPTED
 
     # --- one batch ------------------------------------------------------------------------------
     def hidden_lr_at(self, t: int) -> float:
@@ -192,6 +205,10 @@ class Run:
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        with matmul_precision(self.precision):
+            return self._run()
+
+    def _run(self) -> RunResult:
         start = time.perf_counter()
         wall_before = self.result.wall_time_s  # a resumed run keeps counting
         for listener in self.listeners:
@@ -200,20 +217,20 @@ class Run:
             while self.epoch < self.config.epochs and not self._finished():
                 self.run_epoch()
         except KeyboardInterrupt:
-            self._stop("interrupted", "KeyboardInterrupt")
+            self._stop(StopReason.INTERRUPTED, "KeyboardInterrupt")
         self.result.wall_time_s = wall_before + time.perf_counter() - start
         for listener in self.listeners:
             listener.on_end(self, self.result)
         return self.result
 
     def _finished(self) -> bool:
-        return self.result.stop_reason != "completed"
+        return self.result.stop_reason is not StopReason.COMPLETED
 
-    def _stop(self, reason: str, detail: str = "") -> None:
+    def _stop(self, reason: StopReason, detail: str = "") -> None:
         self.result.stop_reason, self.result.stop_detail = reason, detail
 
     def _stop_as_requested(self) -> None:
-        self._stop("interrupted" if self.interrupted else "stopped", self.stop_request or "")
+        self._stop(*self.stop_request)
 
     def run_epoch(self) -> None:
         c, r = self.config, self.result
@@ -250,11 +267,11 @@ class Run:
         r.final_train_mse = train_mse
         if not (math.isfinite(train_mse) and math.isfinite(train_energy)) or not bool(self.states.is_finite()):
             r.diverged, r.divergence_epoch = True, epoch
-            self._stop("diverged", f"non-finite train energy/MSE or states in epoch {epoch}")
+            self._stop(StopReason.DIVERGED, f"non-finite train energy/MSE or states in epoch {epoch}")
             return self._end_epoch(epoch, metrics, t0)
         r.best_train_mse = min(r.best_train_mse, train_mse)
         if self.early_stop(train_mse):
-            self._stop("early_stopped", f"train_mse did not improve by {c.early_stopping_min_delta} "
+            self._stop(StopReason.EARLY_STOPPED, f"train_mse did not improve by {c.early_stopping_min_delta} "
                                         f"for {c.early_stopping_patience} epochs")
             return self._end_epoch(epoch, metrics, t0)
         milestone = not self.milestone_reached and train_mse < MILESTONE_TRAIN_MSE
@@ -288,15 +305,20 @@ class Run:
     def _end_epoch(self, epoch: int, metrics: dict[str, Any], t0: float) -> None:
         metrics["epoch_time_s"] = time.perf_counter() - t0
         self.result.history.append(metrics)
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                                    for k, v in metrics.items()}) + "\n")
+        self._write_metrics([metrics], "a")
         for listener in self.listeners:
             listener.on_epoch(self, epoch, metrics)
         if self.stop_request is not None and not self._finished():
             self._stop_as_requested()
+
+    def _write_metrics(self, epochs: list[dict[str, Any]], mode: str) -> None:
+        """metrics.jsonl in out_dir: one line per epoch, appended as it ends (a resumed run first writes the
+        epochs it inherited, so the file is always the whole run)."""
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", mode) as f:
+            f.writelines(json.dumps(jsonable(metrics)) + "\n" for metrics in epochs)
 
     # --- checkpoints --------------------------------------------------------------------------------
     def checkpoint(self) -> dict[str, Any]:
@@ -330,6 +352,8 @@ class Run:
         saved = ckpt["result"]
         for key, value in saved.items():
             setattr(self.result, key, float(value) if value in ("inf", "-inf", "nan") else value)
+        self.result.stop_reason = StopReason(saved["stop_reason"])
+        self._write_metrics(self.result.history, "w")
         self.result.device, self.result.implementation = str(self.device), self.config.implementation
         self.result.precision = self.precision
 

@@ -118,6 +118,19 @@ def fail_fast(study: optuna.Study) -> Iterator[None]:
         flag.active = False
 
 
+@contextlib.contextmanager
+def optimize_loop(study: optuna.Study) -> Iterator[None]:
+    """Run our own ask/tell loop as `Study.optimize` runs its: `ask` does not warn that heartbeats need
+    `optimize`, and a grid sampler's `Study.stop()` after its last point sets a flag (which nobody reads:
+    our loop asks the grid itself) instead of raising from `tell`."""
+    local = study._thread_local
+    before, local.in_optimize_loop = local.in_optimize_loop, True
+    try:
+        yield
+    finally:
+        local.in_optimize_loop = before
+
+
 def backend_of(storage: Any) -> Any:
     """The RDBStorage or JournalStorage behind `storage` (under the retries and Optuna's cache)."""
     if isinstance(storage, RetryingStorage):
@@ -127,6 +140,14 @@ def backend_of(storage: Any) -> Any:
 
 def backend_of_study(study: optuna.Study) -> Any:
     return backend_of(study._storage)
+
+
+def use_heartbeats(study: optuna.Study, interval: int, grace_period: int) -> None:
+    """Heartbeats every `interval` s for the study's RDB storage, once its study file has said how often (the
+    storage was opened before the file was read from it). A journal file has none."""
+    backend = backend_of_study(study)
+    if isinstance(backend, optuna.storages.RDBStorage):
+        backend.heartbeat_interval, backend.grace_period = interval, grace_period
 
 
 # --- ids and attributes ------------------------------------------------------------------------------------

@@ -20,13 +20,12 @@ import os
 import sys
 
 import storage
-from studies.studyfile.search import load_study_file
-from studies.studyfile.spec import StudyFileError
+from studies.studyfile.spec import StudyFileError, load_spec
 from studies.running.worker_args import positive_int
 
 
 def validate(path: str) -> int:
-    spec = load_study_file(path)
+    spec = load_spec(path)
     print(f"{path}: ok: study {spec.name!r}, {len(spec.space)} sampled parameters, {len(spec.fixed)} fixed, "
           f"{spec.n_trials} trials, sampler {spec.sampler['type']}, pruner {spec.pruner['type']}")
     return 0

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from pcvit import Config, ConfigError, PCViT
+from pcvit import ConfigError, PCViT
 from pcvit.data import load_data
 from pcvit.inference import States, init_states, state_grads
-from pcvit.probe import extract_features, raw_patch_baseline
+from pcvit.probe import extract_features
 from pcvit.train import Run
 
 from tests.helpers import REPO, random_images, random_states, tiny_config, tiny_model
@@ -155,14 +155,6 @@ def test_diagnostics_reach_the_epoch_metrics_and_the_result_and_can_be_switched_
     assert {"node_energy", "state_rms", "grad_norm", "top_move_rms"} <= set(on)
     assert "node_energy" not in off
     assert on["train_mse"] == off["train_mse"]  # diagnostics observe; they change nothing
-
-
-def test_baseline_uses_the_configured_probe_solver():
-    config = tiny_config(linear_probe_solver="lbfgs")
-    fit = raw_patch_baseline(load_data(config), config)
-    assert fit.converged and fit.steps > 10
-    short = raw_patch_baseline(load_data(tiny_config()), tiny_config())
-    assert not short.converged and short.steps == 4  # one epoch over 64 images in minibatches of 16
 
 
 def test_a_study_file_with_an_impossible_option_is_refused_naming_the_key(tmp_path):

@@ -21,7 +21,6 @@ import storage
 from pcvit import Config, train
 from studies import cli
 from studies.results.replay import trial_config
-from studies.studyfile.search import build_pruner
 from studies.studyfile.spec import load_spec
 from studies.running.worker import run_worker
 from tests.helpers import TINY_SPACE, run_workers_to_the_end, tiny_study, worker_env
@@ -151,6 +150,14 @@ def test_worker_with_a_different_study_file_refuses_with_a_diff_and_changes_noth
 
 
 @pytest.mark.slow
+def test_a_study_can_turn_the_controls_off(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert run_main(url, tiny_study(tmp_path, n_trials=1, controls=False), tmp_path / "art") == 0
+    (done,) = load(url).trials
+    assert done.state == TrialState.COMPLETE and "untrained_baseline" not in done.user_attrs
+
+
+@pytest.mark.slow
 def test_pruner_stops_a_clearly_bad_trial_and_keeps_a_good_one(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     good, bad = {"linear_probe_lr": 0.1}, {"linear_probe_lr": 1e-7}
@@ -166,8 +173,11 @@ def test_pruner_stops_a_clearly_bad_trial_and_keeps_a_good_one(tmp_path):
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
     pruned = load(url).trials[2]
     assert len(pruned.intermediate_values) < 4 and pruned.user_attrs["stop_reason"] == "pruned"
+    controls = {"untrained_baseline", "pca_baseline", "raw_patch_baseline", "pca_components"}
+    assert controls <= set(load(url).trials[0].user_attrs) and not controls & set(pruned.user_attrs)
     note = get_note(optuna.Trial(load(url), pruned._trial_id))
-    assert note.startswith("### Trial 2: pruned\n"), note
+    epoch = max(pruned.intermediate_values)
+    assert note.startswith(f"### Trial 2: pruned (the pruner stopped it after epoch {epoch})\n"), note
 
 
 @pytest.mark.slow
@@ -255,7 +265,7 @@ def test_the_default_pruner_waits_three_probes_without_improvement():
     """The default study's comment promises 3 probes (30 epochs): PatientPruner(patience=2) looks at patience + 1."""
     spec = load_spec(pathlib.Path(objective.__file__).parent / "studies/pcvit-12block.yaml")
     assert "only after 3 probes in a row (30 epochs)" in spec.text
-    study = optuna.create_study(direction="maximize", pruner=build_pruner(spec))
+    study = optuna.create_study(direction="maximize", pruner=spec.make_pruner())
     for i in range(10):  # ten finished trials that reached 0.5: the median to beat
         study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5, intermediate_values={
             e: 0.5 for e in range(10, 101, 10)}, params={}, distributions={}))

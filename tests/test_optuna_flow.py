@@ -9,9 +9,11 @@ import subprocess
 import sys
 
 import optuna
+import pytest
 
 import objective
 import storage
+from studies.studyfile.spec import StudyFileError
 from studies.studyfile.study_source import resolve_spec
 from tests.helpers import REPO, tiny_study, worker_env
 
@@ -42,11 +44,11 @@ def test_worker_by_name_uses_the_study_file_stored_with_the_study(tmp_path, one_
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "COMPLETE"]
 
 
-def test_a_packaged_study_needs_only_its_name(tmp_path):
-    url = f"sqlite:///{tmp_path}/s.db"
-    spec = resolve_spec(url, "smoke", None)
+def test_a_packaged_study_needs_only_its_name():
+    spec = resolve_spec(None, "smoke", "study 'smoke'")
     assert spec.name == "smoke" and spec.source == str(REPO / "studies" / "smoke.yaml")
-    assert not (tmp_path / "s.db").exists()  # looking for a stored file creates no database
+    with pytest.raises(StudyFileError, match="no packaged studies/nonesuch.yaml.*pass --study-file"):
+        resolve_spec(None, "nonesuch", "study 'nonesuch'")
 
 
 def test_optuna_storage_is_shared_with_optunas_cli_for_a_journal_file(tmp_path):

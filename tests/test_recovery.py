@@ -23,7 +23,6 @@ from storage.checkpoints import CheckpointFiles
 from studies import cli
 from studies.results.replay import trial_config
 from studies.results.report import outcome_trials
-from studies.studyfile.search import build_pruner, build_sampler
 from studies.studyfile.spec import load_spec
 from studies.running.worker import join_study
 from tests.helpers import (checkpoint_epoch, finish, run_workers_to_the_end, running_trial_with_checkpoint,
@@ -92,7 +91,7 @@ def test_stopped_then_killed_worker_lose_nothing_and_the_trial_resumes_exactly(t
 def open_study(url, study_file):
     spec = load_spec(study_file)
     db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period)
-    return join_study(db, url, spec.name, spec, build_sampler(spec, 1), build_pruner(spec)), spec
+    return join_study(db, url, spec.name, spec, sampler_seed=1)[0], spec
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

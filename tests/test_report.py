@@ -15,7 +15,6 @@ from optuna.trial import TrialState, create_trial
 import storage
 from studies import cli
 from studies.results.report_stats import quartiles, rank_sum_p, spearman
-from studies.studyfile.search import build_pruner, build_sampler
 from studies.studyfile.spec import load_spec
 from studies.running.worker import join_study
 from tests.helpers import tiny_study, worker_env
@@ -47,7 +46,7 @@ def make_study(tmp_path, trials, n_trials=20):
     url = f"sqlite:///{tmp_path}/s.db"
     spec = load_spec(tiny_study(tmp_path, n_trials=n_trials, space=SPACE, questions=QUESTIONS,
                                 baseline={"value": 0.30, "label": "the 6-block best"}))
-    study = join_study(storage.open_storage(url), url, "tiny", spec, build_sampler(spec, 1), build_pruner(spec))
+    study = join_study(storage.open_storage(url), url, "tiny", spec, sampler_seed=1)[0]
     for t in trials:
         study.add_trial(t)
     return url, study
@@ -163,3 +162,17 @@ def test_report_to_dashboard_writes_the_study_note(tmp_path, capsys):
     note = get_note(optuna.load_study(study_name="tiny", storage=storage.open_storage(url)))
     assert printed.rstrip() in note and note.index("## Study tiny") < note.index("## The study file")
     assert "questions:\n- question: Does layer norm help?" in note  # the file as written, whole
+
+
+def test_the_best_trial_is_shown_beside_its_controls(tmp_path, capsys):
+    best = trial(True, 0.06, [0.2, 0.64])
+    best.user_attrs.update({"untrained_baseline": 0.44, "pca_baseline": 0.79, "raw_patch_baseline": 0.35,
+                            "pca_components": 16})
+    url, _ = make_study(tmp_path, [trial(False, 0.05, [0.3]), best])
+    assert cli.main(["report", "--storage", url, "--study-name", "tiny"]) == 0
+    assert ("Its controls, the same probe on the same images: the same network untrained 0.44, PCA-16 of the "
+            "pixels 0.79, raw patches 0.35.") in capsys.readouterr().out
+    (tmp_path / "none").mkdir()
+    url, _ = make_study(tmp_path / "none", [trial(False, 0.05, [0.3])])  # a study without controls says nothing
+    assert cli.main(["report", "--storage", url, "--study-name", "tiny"]) == 0
+    assert "Its controls" not in capsys.readouterr().out

@@ -18,7 +18,6 @@ import storage
 from studies.running import owners
 from storage.optuna_access import fail_if_running
 from studies.running.retries import RETRY_REASON, fail_for_retry, repair_missing_retries, requeue
-from studies.studyfile.search import build_pruner, build_sampler
 from studies.studyfile.spec import StudyFileError, load_spec
 from studies.running.worker import join_study
 from tests.helpers import tiny_study
@@ -60,7 +59,7 @@ def race(work, n: int = RACERS) -> list:
 def joined(url, study_file):
     spec = load_spec(study_file)
     db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period)
-    return join_study(db, url, spec.name, spec, build_sampler(spec, 1), build_pruner(spec)), spec
+    return join_study(db, url, spec.name, spec, sampler_seed=1)[0], spec
 
 
 def test_concurrent_reapers_fail_a_trial_once_and_queue_one_retry(url, tmp_path):

@@ -12,7 +12,6 @@ from optuna.trial import TrialState
 import objective
 import storage
 from storage.checkpoints import CheckpointFiles
-from studies.studyfile.search import build_pruner, build_sampler
 from studies.studyfile.spec import load_spec
 from studies.running.worker import join_study, run_worker
 from tests.pg import free_port
@@ -33,7 +32,7 @@ def test_uploads_to_a_full_disk_warn_and_the_trial_keeps_its_value(tmp_path, one
     url = f"sqlite:///{tmp_path}/s.db"
     spec = load_spec(tiny_study(tmp_path, n_trials=1))
     db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period)
-    study = join_study(db, url, spec.name, spec, build_sampler(spec, 1), build_pruner(spec))
+    study = join_study(db, url, spec.name, spec, sampler_seed=1)[0]
     store, checkpoints = FullDiskStore(str(tmp_path)), CheckpointFiles(tmp_path / "checkpoints")
     with caplog.at_level(logging.WARNING, logger="pcvit.side_channels"):
         code = run_worker(study, spec, lambda trial: objective.objective(trial, spec, store, checkpoints), 1,

@@ -38,17 +38,11 @@ def test_a_cuda_only_golden_skip_stays_a_skip():
     assert golden_report("needs CUDA").outcome == "skipped"
 
 
-def test_skips_on_request():
-    """Skips only when the run below asks it to (PCVIT_TEST_SKIP_REASON): a probe for --no-skips."""
-    if os.environ.get("PCVIT_TEST_SKIP_REASON"):
-        pytest.skip(os.environ["PCVIT_TEST_SKIP_REASON"])
-
-
 @pytest.mark.parametrize("reason, code", [("no server here", 1), ("needs CUDA", 0)])
 @pytest.mark.slow
 def test_no_skips_fails_the_run_on_any_skip_but_a_cuda_only_one(reason, code):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-skips",
-                          "tests/test_skips.py::test_skips_on_request"], cwd=REPO, capture_output=True, text=True,
+                          "tests/skip_probe.py"], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "PCVIT_TEST_SKIP_REASON": reason})
     assert run.returncode == code, run.stdout + run.stderr
     assert f"skipped: 1 ({1 - code} CUDA-only, {code} other)" in run.stdout

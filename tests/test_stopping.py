@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from pcvit import Config, Listener, train
+from pcvit import Config, Listener, StopReason, train
 from studies.running.stopping import SignalGuard, StopOnSignal, WorkerStopped
 from tests.helpers import TINY_FIXED
 
@@ -37,9 +37,9 @@ def tiny_config(**changes) -> Config:
 def test_sigterm_ends_the_run_after_the_current_batch():
     sender = SignalAtBatch(at=(2, 2))
     with SignalGuard().installed() as guard:
-        result = train(tiny_config(), listeners=[sender, StopOnSignal()])
+        result = train(tiny_config(), listeners=[sender, StopOnSignal(guard)])
     assert guard.signum == signal.SIGTERM
-    assert result.stop_reason == "interrupted" and result.stop_detail == "worker stopped by SIGTERM"
+    assert result.stop_reason is StopReason.INTERRUPTED and result.stop_detail == "worker stopped by SIGTERM"
     assert sender.batches[-1] == (2, 2)  # the batch that got the signal finished; no later one started
     assert result.epochs_run == 1  # the partial epoch is not counted
 
@@ -48,18 +48,20 @@ def test_a_signal_before_training_stops_the_run_before_its_first_batch():
     with SignalGuard().installed() as guard:
         os.kill(os.getpid(), signal.SIGINT)
         sender = SignalAtBatch(at=(0, 0))
-        result = train(tiny_config(), listeners=[sender, StopOnSignal()])
+        result = train(tiny_config(), listeners=[sender, StopOnSignal(guard)])
         assert guard.signum == signal.SIGINT and sender.batches == []
-    assert result.stop_reason == "interrupted" and result.epochs_run == 0
+    assert result.stop_reason is StopReason.INTERRUPTED and result.epochs_run == 0
 
 
 def test_a_second_signal_stops_at_once():
     sender = SignalAtBatch(at=(1, 1), times=2)
-    with SignalGuard().installed(), pytest.raises(WorkerStopped, match="SIGTERM"):
-        train(tiny_config(), listeners=[sender, StopOnSignal()])
+    with SignalGuard().installed() as guard, pytest.raises(WorkerStopped, match="SIGTERM"):
+        train(tiny_config(), listeners=[sender, StopOnSignal(guard)])
     assert sender.batches == [(1, 1)]
 
 
-def test_without_a_guard_the_listener_does_nothing():
-    result = train(tiny_config(epochs=1), listeners=[StopOnSignal()])
-    assert result.stop_reason == "completed" and result.epochs_run == 1
+def test_a_guard_without_a_signal_lets_the_run_finish_and_forgets_it():
+    guard = SignalGuard()
+    result = train(tiny_config(epochs=1), listeners=[StopOnSignal(guard)])
+    assert result.stop_reason is StopReason.COMPLETED and result.epochs_run == 1
+    assert guard.on_stop is None  # a later signal does not reach a finished run

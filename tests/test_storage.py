@@ -40,6 +40,7 @@ def test_bad_url_is_a_clear_error_naming_it(url, words):
     assert isinstance(info.value, storage.StorageUnreachable) == ("127.0.0.1:1/" in url)
 
 
+@pytest.mark.slow
 def test_a_starting_worker_waits_for_a_server_that_does_not_answer_yet(postgres_server):
     if not getattr(postgres_server, "can_restart", False):
         pytest.skip("the test server is not ours to stop")

@@ -9,7 +9,6 @@ import yaml
 
 import objective
 from studies import cli
-from studies.studyfile.search import check_sampler_and_pruner
 from studies.studyfile.spec import NO_EFFECT, StudyFileError, load_spec, parse_spec, spec_diff
 from tests.helpers import REPO, TINY_FIXED, TINY_SPACE
 
@@ -28,7 +27,7 @@ def document(**changes):
 def error_of(doc) -> str:
     """The error of a bad study file, checked as the commands check it (schema, configs, sampler and pruner)."""
     with pytest.raises(StudyFileError) as info:
-        check_sampler_and_pruner(parse_spec(yaml.safe_dump(doc, sort_keys=False), "bad.yaml"))
+        parse_spec(yaml.safe_dump(doc, sort_keys=False), "bad.yaml")
     return str(info.value)
 
 
@@ -218,3 +217,42 @@ def test_worker_refuses_fewer_than_one_trial_before_anything_is_written(n, tmp_p
         objective.main(["--storage", f"sqlite:///{db}", "--study-file", str(REPO / "studies/smoke.yaml"),
                         "--n-trials", n])
     assert info.value.code == 2 and "--n-trials: " in capsys.readouterr().err and not db.exists()
+
+
+def test_every_top_level_key_reads_as_an_attribute_of_the_spec():
+    from studies.studyfile.spec import TOP_LEVEL
+
+    spec = load_spec(REPO / "studies/pcvit-12block.yaml")
+    assert {key: getattr(spec, key) for key in TOP_LEVEL} == {key: spec.document.get(key) for key in TOP_LEVEL}
+    with pytest.raises(AttributeError):
+        spec.n_trails  # noqa: B018 - a misspelt key is an error, not a silent None
+
+
+def test_workers_seeded_differently_run_every_grid_point_once(tmp_path):
+    """Grid ids are shared through the storage: every worker must map an id to the same point."""
+    import optuna
+
+    from storage.optuna_access import optimize_loop
+
+    grid = {"hidden_size": {"type": "categorical", "choices": [32, 64]},
+            "inference_steps": {"type": "categorical", "choices": [1, 2, 3]}}
+    spec = parse_spec(yaml.safe_dump(document(space=grid, sampler={"type": "grid"}, n_trials=6)), "grid.yaml")
+    url = f"sqlite:///{tmp_path}/g.db"
+    optuna.create_study(study_name="g", storage=url, direction="maximize")
+    workers = [optuna.load_study(study_name="g", storage=url, sampler=spec.make_sampler(seed)) for seed in (1, 2, 3)]
+    points = []
+    for i in range(6):  # the workers take turns, as concurrent workers do
+        trial = workers[i % 3].ask()
+        points.append((trial.suggest_categorical("hidden_size", [32, 64]),
+                       trial.suggest_categorical("inference_steps", [1, 2, 3])))
+        with optimize_loop(workers[i % 3]):  # as the worker tells: the grid's last point calls Study.stop()
+            workers[i % 3].tell(trial, 0.0)
+    assert sorted(points) == sorted((h, t) for h in (32, 64) for t in (1, 2, 3))
+
+
+def test_a_gaussian_process_sampler_is_accepted_and_its_options_checked():
+    import optuna
+
+    spec = parse_spec(yaml.safe_dump(document(sampler={"type": "gp", "n_startup_trials": 4})), "gp.yaml")
+    assert isinstance(spec.make_sampler(7), optuna.samplers.GPSampler)
+    assert "sampler.n_startup_trials" in error_of(document(sampler={"type": "gp", "n_startup_trials": "four"}))

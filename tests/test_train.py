@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pcvit import Listener, Run, load_data, train
+from pcvit import Listener, Run, StopReason, images, load_data, train
 from pcvit.config import IMPLEMENTATIONS, ConfigError
 
 from tests.helpers import tiny_config
@@ -66,13 +66,13 @@ class StopAtFirstProbe(Listener):
 
     def on_probe(self, run, epoch, accuracy):
         self.probes.append((epoch, accuracy))
-        run.request_stop("pruned")
+        run.request_stop(StopReason.PRUNED, "the test's pruner")
 
 
 def test_a_listener_can_stop_the_run_after_a_probe():
     listener = StopAtFirstProbe()
     result = train(tiny_config(epochs=5), listeners=[listener])
-    assert (result.stop_reason, result.stop_detail, result.epochs_run) == ("stopped", "pruned", 1)
+    assert (result.stop_reason, result.stop_detail, result.epochs_run) == (StopReason.PRUNED, "the test's pruner", 1)
     assert listener.probes == [(1, result.best_probe_accuracy)]
 
 
@@ -83,7 +83,7 @@ class CheckpointAndStop(Listener):
     def on_epoch(self, run, epoch, metrics):
         if epoch == self.at:
             self.saved = run.checkpoint()
-            run.request_stop("simulated crash")
+            run.request_stop(StopReason.STOPPED, "simulated crash")
 
 
 def test_resume_from_a_checkpoint_continues_exactly():
@@ -151,10 +151,19 @@ def test_the_run_records_its_matmul_precision_on_the_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision, tf32", [("auto", True), ("tf32", True), ("float32", False)])
-def test_a_cuda_run_sets_tf32_as_its_precision_says(precision, tf32):
-    run = make_run(device="cuda", precision=precision)
-    assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
-    assert run.result.precision == ("tf32" if tf32 else "float32")
+def test_a_cuda_run_trains_with_tf32_as_its_precision_says_and_restores_it(precision, tf32):
+    seen = []
+
+    class Spy(Listener):
+        def on_start(self, run):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    run = make_run(device="cuda", precision=precision, epochs=1)
+    run.listeners.append(Spy())
+    result = run.run()
+    assert seen == [(tf32, tf32)] and result.precision == ("tf32" if tf32 else "float32")
+    assert torch.backends.cuda.matmul.allow_tf32 is before  # building or running a Run leaves no global behind
 
 
 @pytest.mark.parametrize("early_stopping, best", [(True, 0.3), (False, 0.5)])
@@ -194,9 +203,12 @@ def test_the_reconstruction_grid_has_one_row_per_image_and_the_batch_tiles_them(
     original = run.settle_and_reconstruct
     run.settle_and_reconstruct = lambda x, slots, steps: seen.setdefault("x", x) * 0 + original(x, slots, steps)
     path = run.save_reconstruction(1)
-    images = run.data.normalise(run.data.test_images[:3])
-    assert torch.equal(seen["x"][4], images[1]) and torch.equal(seen["x"][6], images[0])  # slot i: image i mod 3
+    shown = run.data.normalise(run.data.test_images[:3])
+    assert torch.equal(seen["x"][4], shown[1]) and torch.equal(seen["x"][6], shown[0])  # slot i: image i mod 3
     width, height = PIL.Image.open(path).size
-    assert height == 3 * 32 + 4 * 2 and width == 3 * 32 + 4 * 2  # three rows of three 32-pixel panels
+    panel = 32 * (images.TARGET_PANEL // 32)  # enlarged by a whole factor
+    columns = 2  # nothing is masked: "original = input" | reconstruction
+    assert (height, width) == (images.LABEL_HEIGHT + 3 * (panel + images.PAD) + images.PAD,
+                               columns * (panel + images.PAD) + images.PAD)  # three rows, one per image
     with pytest.raises(ConfigError, match="num_images"):
         tiny_config(num_images=9)  # more than the batch of 8

@@ -80,7 +80,7 @@ def test_int_range_and_grid_budget():
 
 
 @pytest.mark.parametrize(("change", "words"), [
-    ({"method": "bayes"}, "method: 'bayes' cannot be expressed"),
+    ({"method": "evolution"}, "method: 'evolution' cannot be expressed"),
     ({"parameters": {"dropout": {"value": 0.1}}}, "parameters.dropout: unknown parameter"),
     ({"parameters": {"peak_lr_hidden": {"distribution": "normal", "mu": 0.1, "sigma": 0.01}}},
      "parameters.peak_lr_hidden.mu"),
@@ -100,6 +100,17 @@ def test_what_cannot_be_expressed_is_an_error(change, words):
     with pytest.raises(StudyFileError, match="sweep.yaml") as info:
         imported(sweep)
     assert words in str(info.value)
+
+
+def test_bayes_becomes_a_gp_sampler_over_numbers_and_tpe_over_choices():
+    sweep = {"method": "bayes", "metric": {"name": "best_probe_accuracy", "goal": "maximize"}, "run_cap": 3,
+             "parameters": {"peak_lr_hidden": {"min": 0.01, "max": 0.1, "distribution": "log_uniform_values"},
+                            "inference_steps": {"min": 2, "max": 8}}}
+    study, notes = imported(sweep)
+    assert study["sampler"] == {"type": "gp"} and any("bayes -> sampler gp" in n for n in notes)
+    sweep["parameters"]["hidden_size"] = {"values": [64, 96]}
+    study, notes = imported(sweep)
+    assert study["sampler"] == {"type": "tpe"} and any("categorical parameters (hidden_size)" in n for n in notes)
 
 
 def test_hyperband_early_termination_becomes_the_pruner():

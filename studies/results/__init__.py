@@ -1,3 +1,3 @@
-"""Reading results: the report that answers a study's questions (`report`, `report_stats`), the pictures and
-notes shown in optuna-dashboard (`curves`, `reconstruction_view`, `dashboard_notes`), and the replay of a
+"""Reading results: the report that answers a study's questions (`report`, `report_stats`), the curves and
+notes shown in optuna-dashboard (`curves`, `dashboard_notes`), and the replay of a
 finished trial (`replay`)."""

@@ -32,7 +32,10 @@ def save_curves(history: list[dict[str, Any]], path: Path, title: str) -> Path:
     if any(v > 0 for v in _series(history, "train_mse")[1] + _series(history, "val_mse")[1]):
         mse.set_yscale("log")
     mse.set(xlabel="epoch", ylabel="MSE", title="reconstruction error")
-    mse.legend(loc="upper right")
+    if mse.lines:  # a run that diverged in its first epoch has no finite MSE to label
+        mse.legend(loc="upper right")
+    else:
+        mse.text(0.5, 0.5, "no finite MSE (diverged)", ha="center", va="center", transform=mse.transAxes)
     epochs, values = _series(history, "probe_accuracy")
     probe.plot(epochs, values, marker="o", markersize=3, color="tab:green")
     probe.set(xlabel="epoch", ylabel="accuracy", title="linear probe accuracy")

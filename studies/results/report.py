@@ -174,7 +174,7 @@ def success_summary(trials: list[FrozenTrial], spec: StudySpec) -> list[dict[str
     lines.append({"target": "divergence", "text": "diverged trials < 20% (secondary)",
                   "met": rate is not None and rate < MAX_DIVERGED, "trials_meeting": len(trials) - diverged,
                   "trials_measured": len(trials), "best": rate})
-    baseline = spec.document.get("baseline")
+    baseline = spec.baseline
     if baseline:
         maximize = spec.direction == "maximize"
         values = [v for v in (_number(t.user_attrs.get(spec.metric)) for t in trials) if v is not None]
@@ -185,6 +185,18 @@ def success_summary(trials: list[FrozenTrial], spec: StudySpec) -> list[dict[str
                       "met": beats, "trials_meeting": sum((v > baseline["value"]) == maximize for v in values),
                       "trials_measured": len(values), "best": best})
     return lines
+
+
+CONTROL_ATTRS = {"untrained_baseline": "the same network untrained", "pca_baseline": "PCA-{k} of the pixels",
+                 "raw_patch_baseline": "raw patches"}
+
+
+def controls_of(trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's probed controls (`pcvit.controls`) as {attribute: accuracy}, plus `pca_components`."""
+    found = {key: trial.user_attrs[key] for key in CONTROL_ATTRS if key in trial.user_attrs}
+    if found and "pca_components" in trial.user_attrs:
+        found["pca_components"] = trial.user_attrs["pca_components"]
+    return found
 
 
 def study_summary(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
@@ -206,7 +218,8 @@ def study_summary(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
         "states": {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState
                    if any(t.state == s for t in trials)},
         "diverged": sum(bool(t.user_attrs.get("diverged")) for t in trials),
-        "best_trial": None if best is None else {"number": best.number, "value": best.value, "params": best.params},
+        "best_trial": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
+                                                 "controls": controls_of(best)},
         "success": success_summary(trials, spec),
         "compute": compute_summary(trials, spec.n_trials),
         "questions": questions,
@@ -224,6 +237,11 @@ def render_markdown(s: dict[str, Any]) -> str:
         b = s["best_trial"]
         lines.append(f"Best: trial {b['number']}, {s['metric']} = {_fmt(b['value'])} ("
                      + ", ".join(f"{k} = {_fmt(v)}" for k, v in b["params"].items()) + ").")
+        if b.get("controls"):
+            k = b["controls"].get("pca_components", "k")
+            shown = [f"{CONTROL_ATTRS[key].format(k=k)} {_fmt(v)}" for key, v in b["controls"].items()
+                     if key in CONTROL_ATTRS]
+            lines.append(f"Its controls, the same probe on the same images: {', '.join(shown)}.")
     lines += ["", "### Success targets", ""]
     for t in s["success"]:
         best = _pct_value(t["best"]) if t["target"] == "divergence" else _fmt(t["best"])

@@ -46,9 +46,9 @@ class StalenessWatch:
     def stale(self, beats: dict[int, Any], now: float | None = None) -> set[int]:
         now = time.monotonic() if now is None else now
         seen = {}
-        for trial_id, beat in beats.items():
-            earlier = self.seen.get(trial_id)
-            seen[trial_id] = earlier if earlier is not None and earlier[0] == beat else (beat, now)
+        for tid, beat in beats.items():
+            earlier = self.seen.get(tid)
+            seen[tid] = earlier if earlier is not None and earlier[0] == beat else (beat, now)
         self.seen = seen
         return {trial_id for trial_id, (_, since) in seen.items() if now - since > self.grace_period}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, Iterator
 
 from pcvit import Listener
 
@@ -31,9 +31,10 @@ def stop_reason(signum: int) -> str:
 
 
 class SignalGuard:
-    """While installed: the first SIGTERM/SIGINT asks the running trial to stop; a second one raises."""
+    """While installed: the first SIGTERM/SIGINT asks the running trial to stop; a second one raises.
 
-    installed_guard: ClassVar["SignalGuard | None"] = None  # signals are process-wide, and so is the guard
+    The worker owns one guard: it installs it around its loop and hands it to each trial's `StopOnSignal`.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -43,11 +44,9 @@ class SignalGuard:
     @contextlib.contextmanager
     def installed(self) -> Iterator["SignalGuard"]:
         previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
-        SignalGuard.installed_guard = self
         try:
             yield self
         finally:
-            SignalGuard.installed_guard = None
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
@@ -68,15 +67,13 @@ class SignalGuard:
 class StopOnSignal(Listener):
     """Interrupts the run after its current batch when the worker's guard got a signal."""
 
+    def __init__(self, guard: SignalGuard):
+        self.guard = guard
+
     def on_start(self, run: Any) -> None:
-        guard = SignalGuard.installed_guard
-        if guard is None:
-            return
-        if guard.signum is not None:
-            run.interrupt(stop_reason(guard.signum))
-        guard.on_stop = run.interrupt
+        if self.guard.signum is not None:
+            run.interrupt(stop_reason(self.guard.signum))
+        self.guard.on_stop = run.interrupt
 
     def on_end(self, run: Any, result: Any) -> None:
-        guard = SignalGuard.installed_guard
-        if guard is not None:
-            guard.on_stop = None
+        self.guard.on_stop = None

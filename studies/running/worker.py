@@ -27,7 +27,6 @@ import gc
 import logging
 import signal
 import traceback
-import warnings
 from typing import Any, Callable
 
 import optuna
@@ -37,12 +36,14 @@ import storage
 from storage import mask_password
 from storage.checkpoints import CheckpointFiles, lineage_of
 from storage.locks import storage_lock
-from storage.optuna_access import fail_if_running, set_system_attr, set_user_attr, stored_trial, study_id, trial_id
+from storage.optuna_access import (fail_if_running, optimize_loop, set_system_attr, set_user_attr, stored_trial,
+                                   study_id, trial_id, use_heartbeats)
 from studies.running.owners import claim
 from studies.running.reaper import Reaper
 from studies.running.retries import (fail_for_retry, is_retry, lineage, lineage_done, repair_missing_retries,
                                      requeue)
 from studies.running.stopping import SignalGuard, WorkerStopped
+from studies.studyfile.study_source import resolve_spec
 from studies.studyfile.spec import SPEC_ATTR, StudyFileError, StudySpec, canonical, spec_diff, spec_from_document
 
 log = logging.getLogger("pcvit.worker")
@@ -51,15 +52,27 @@ MAX_FAILURES_IN_A_ROW = 3
 
 
 # --- the study ----------------------------------------------------------------------------------------
-def join_study(storage: Any, url: str, name: str, spec: StudySpec, sampler: Any, pruner: Any) -> optuna.Study:
-    """Load study `name`, or create it from the file; refuse (StudyFileError) when the stored study differs."""
+def join_study(storage: Any, url: str, name: str | None, spec: StudySpec | None,
+               sampler_seed: int) -> tuple[optuna.Study, StudySpec]:
+    """Load study `name` (once), or create it from the study file; return it with its study file.
+
+    `spec` is the file given on the command line; without one, the file stored with the study (or the
+    packaged `studies/NAME.yaml`) is used. Refuses (StudyFileError) when the stored study differs. The study
+    samples with this worker's `sampler_seed`, prunes with the file's pruner, and beats as the file says.
+    """
+    name = name or (spec.name if spec else None)
     where = f"study {name!r} in {mask_password(url)}"
     try:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        study = optuna.load_study(study_name=name, storage=storage) if name else None
     except KeyError:
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                    direction=spec.direction, load_if_exists=True)
+        study = None
+    if spec is None:
+        spec = resolve_spec(study, name, where)
+    if study is None:
+        study = optuna.create_study(study_name=name, storage=storage, direction=spec.direction, load_if_exists=True)
         log.info("created %s from %s", where, spec.source)
+    study.sampler, study.pruner = spec.make_sampler(sampler_seed), spec.make_pruner()
+    use_heartbeats(study, spec.heartbeat_interval, spec.grace_period)
     if len(study.directions) != 1 or study.direction.name.lower() != spec.direction:
         stored = ", ".join(d.name.lower() for d in study.directions)
         raise StudyFileError(f"{spec.source}: direction: the file says {spec.direction} but {where} is to {stored} "
@@ -77,7 +90,7 @@ def join_study(storage: Any, url: str, name: str, spec: StudySpec, sampler: Any,
         lines = "\n  ".join(spec_diff(stored_spec, mine))
         raise StudyFileError(f"{spec.source} differs from the study file stored with {where}; this worker "
                              f"refuses to join. Differences:\n  {lines}")
-    return study
+    return study, spec
 
 
 def open_existing_study(url: str, name: str) -> tuple[optuna.Study, StudySpec]:
@@ -91,8 +104,8 @@ def open_existing_study(url: str, name: str) -> tuple[optuna.Study, StudySpec]:
     if SPEC_ATTR not in study.user_attrs:
         raise StudyFileError(f"{where} has no stored study file: no pcvit-worker has joined it yet")
     spec = spec_from_document(study.user_attrs[SPEC_ATTR], where, study.user_attrs.get("study_file", ""))
-    db = storage.open_storage(url, spec.heartbeat_interval, spec.grace_period)
-    return optuna.load_study(study_name=name, storage=db), spec
+    use_heartbeats(study, spec.heartbeat_interval, spec.grace_period)
+    return study, spec
 
 
 # --- the budget ---------------------------------------------------------------------------------------
@@ -109,9 +122,7 @@ def next_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
         return None
     if not waiting and isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study):
         return None  # every grid point has run: a new trial would repeat one
-    with warnings.catch_warnings():  # we run our own loop (and heartbeat) instead of Study.optimize
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-        trial = study.ask()
+    trial = study.ask()
     frozen = stored_trial(study, trial)
     if is_retry(frozen):
         return trial
@@ -127,13 +138,15 @@ def next_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
 
 # --- the loop -----------------------------------------------------------------------------------------
 def run_worker(study: optuna.Study, spec: StudySpec, objective: Callable[[optuna.Trial], float],
-               max_trials: int | None = None, checkpoints: CheckpointFiles | None = None) -> int:
-    """Run trials until the budget is spent (or `max_trials` ran here); return the worker's exit code."""
-    guard = SignalGuard()
+               max_trials: int | None = None, checkpoints: CheckpointFiles | None = None,
+               guard: SignalGuard | None = None) -> int:
+    """Run trials until the budget is spent (or `max_trials` ran here); return the worker's exit code.
+    `guard` hears SIGTERM/SIGINT while the loop runs (give the same guard to the objective's training)."""
+    guard = guard or SignalGuard()
     ran = failures_in_a_row = 0
     reaper = Reaper(study, spec.heartbeat_interval, spec.grace_period, spec.max_retries)
     try:
-        with guard.installed(), reaper:
+        with guard.installed(), reaper, optimize_loop(study):
             while guard.signum is None and (max_trials is None or ran < max_trials):
                 trial = next_trial(study, spec)
                 if trial is None:
@@ -207,10 +220,6 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning("trial %d was finished by another process (reaped?)", trial.number)
         return outcome
-    except RuntimeError as exc:  # the grid sampler calls Study.stop() after the last point, outside Study.optimize
-        if "Study.stop" not in str(exc):
-            raise
-        log.info("trial %d was the last point of the grid", trial.number)  # its state was stored all the same
     except ValueError as exc:  # "Cannot tell a COMPLETE trial": a tell whose commit went through before an outage
         told = stored_trial(study, trial)
         if not told.state.is_finished():

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import yaml
 
 from pcvit.config import Config, ConfigError, coerce, field_names
+from studies.studyfile.samplers import build_pruner, build_problems, build_sampler
 from studies.studyfile.strict_yaml import load_strict
 
 
@@ -43,7 +44,8 @@ PARAM_TYPES = {  # type -> {key: (kind, required)}
     # 0 or log-uniform: a categorical "<name>_is_zero" flag, then (if false) a log-uniform value in [low, high]
     "zero_or_log": {"low": ("number", True), "high": ("number", True)},
 }
-SAMPLERS = {"random": {}, "tpe": {"n_startup_trials": ("int", False)}, "grid": {}}
+SAMPLERS = {"random": {}, "tpe": {"n_startup_trials": ("int", False)}, "grid": {},
+            "gp": {"n_startup_trials": ("int", False), "deterministic_objective": ("bool", False)}}
 _PATIENCE = {"patience": ("int", False), "min_delta": ("number", False)}  # wraps any pruner in PatientPruner
 PRUNERS = {
     "none": {},
@@ -73,6 +75,7 @@ TOP_LEVEL = {  # key -> (kind, default; None = required)
     "space": ("dict", None),
     "questions": ("list", []),  # [{question: text, params: [names]}] answered by `pcvit-study report`
     "baseline": ("dict", {}),  # {value: number, label: text}: the metric of a reference model, for the report
+    "controls": ("bool", True),  # probe each finished trial's controls (pcvit.controls): untrained, PCA, raw patches
 }
 BASELINE = {"value": ("number", True), "label": ("str", True)}
 # Keys the original W&B sweep carried that did nothing in its runs: an error here, a noted drop on import.
@@ -91,18 +94,57 @@ NO_EFFECT = {
                                       "still triggers validation and an image",
 }
 
+class _Key:
+    """`spec.n_trials` reads `spec.document["n_trials"]`: one named attribute per top-level key."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = name
+
+    def __get__(self, spec: "StudySpec", owner: type | None = None) -> Any:
+        return spec.document[self.key]
+
+
 @dataclass(frozen=True)
 class StudySpec:
-    """A validated study file. `document` is its canonical content, stored with the study."""
+    """A validated study file. `document` is its canonical content, stored with the study; each top-level key
+    reads as an attribute (`spec.n_trials`)."""
 
     source: str  # the file name, for messages
     document: dict[str, Any]
     text: str = ""
 
-    def __getattr__(self, key: str) -> Any:  # spec.n_trials, spec.space, ...
-        if key in TOP_LEVEL:
-            return self.document[key]
-        raise AttributeError(key)
+    # what the study is
+    name = _Key()  # str
+    description = _Key()  # str
+    direction = _Key()  # str
+    metric = _Key()  # str
+    # how and how much it searches
+    sampler = _Key()  # dict[str, Any]
+    pruner = _Key()  # dict[str, Any]
+    n_trials = _Key()  # int
+    fixed = _Key()  # dict[str, Any]
+    space = _Key()  # dict[str, dict]
+    questions = _Key()  # list[dict]
+    # how it survives crashes
+    max_retries = _Key()  # int
+    checkpoint_every_n_epochs = _Key()  # int
+    heartbeat_interval = _Key()  # int
+    grace_period = _Key()  # int
+
+    @property
+    def baseline(self) -> dict[str, Any] | None:  # optional: absent from studies stored before it existed
+        return self.document.get("baseline")
+
+    @property
+    def controls(self) -> bool:  # left out of the document when true (the default)
+        return self.document.get("controls", True)
+
+    def make_sampler(self, seed: int) -> Any:
+        """This worker's Optuna sampler (see `studies.studyfile.samplers` for the seeds)."""
+        return build_sampler(self.sampler, self.space, seed)
+
+    def make_pruner(self) -> Any:
+        return build_pruner(self.pruner)
 
     def config_dict(self, values: dict[str, Any]) -> dict[str, Any]:
         """The config a trial runs with: fixed settings plus the sampled `values` (config field -> value)."""
@@ -117,6 +159,8 @@ def param_value(params: dict[str, Any], name: str, param: dict) -> Any:
 
 
 def load_spec(path: str | pathlib.Path) -> StudySpec:
+    """The one reader of a study file: the schema, every config a trial could get, and the sampler and pruner
+    Optuna would build from it, all checked before any storage is touched."""
     path = pathlib.Path(path)
     try:
         text = path.read_text()
@@ -134,6 +178,7 @@ def parse_spec(text: str, source: str) -> StudySpec:
 
 
 def spec_from_document(document: dict[str, Any], source: str, text: str = "") -> StudySpec:
+    """A study file's content that is not a file (stored with a study, made from a W&B sweep), checked as one."""
     return validate(document, source, text)
 
 
@@ -150,6 +195,8 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
     doc["baseline"] = _check_keys(doc["baseline"], BASELINE, "baseline", fail) if doc["baseline"] else None
     if doc["baseline"] is None:  # left out, so that studies stored before the key existed still compare equal
         del doc["baseline"]
+    if doc["controls"] is True:  # the default: left out for the same reason
+        del doc["controls"]
     if doc["direction"] not in ("maximize", "minimize"):
         raise fail("direction", f"must be maximize or minimize, got {doc['direction']!r}")
     if doc["metric"] not in METRICS:
@@ -184,7 +231,9 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
     _check_questions(doc["questions"], space, fail)
     _check_configs(doc["fixed"], space, fail)
     _check_metric_is_measured(doc["metric"], doc["fixed"], space, fail)
-    return StudySpec(source, doc, text)  # commands also build its sampler and pruner (studies.studyfile.search.load_study_file)
+    for key, problem in build_problems(doc["sampler"], doc["pruner"], space).items():
+        raise fail(key, problem)
+    return StudySpec(source, doc, text)
 
 
 # --- pieces ----------------------------------------------------------------------------------------

@@ -11,9 +11,7 @@ import pathlib
 
 import optuna
 
-import storage
-from studies.studyfile.search import check_sampler_and_pruner, load_study_file
-from studies.studyfile.spec import SPEC_ATTR, StudyFileError, StudySpec, spec_from_document
+from studies.studyfile.spec import SPEC_ATTR, StudyFileError, StudySpec, load_spec, spec_from_document
 
 PACKAGED = pathlib.Path(__file__).resolve().parents[1]  # studies/*.yaml ship with the package
 
@@ -23,39 +21,17 @@ def packaged_file(name: str) -> pathlib.Path | None:
     return path if path.is_file() else None
 
 
-def stored_spec(url: str, name: str) -> StudySpec | None:
-    """The study file stored with study `name`, or None (no such study, or no worker has stored one yet).
-
-    Creates no database: a SQLite or journal file that does not exist holds no study.
-    """
-    path = storage.local_file(url)
-    if path is not None and not path.is_file():
-        return None
-    try:
-        study = optuna.load_study(study_name=name, storage=storage.open_storage(url))
-    except KeyError:
-        return None
-    document = study.user_attrs.get(SPEC_ATTR)
-    if document is None:
-        return None
-    where = f"the study file stored with study {name!r} in {storage.mask_password(url)}"
-    return spec_from_document(document, where, study.user_attrs.get("study_file", ""))
-
-
-def resolve_spec(url: str, name: str | None, study_file: str | None) -> StudySpec:
-    """The study file to run (see the module docstring); StudyFileError says which --study-file to pass."""
-    if study_file:
-        return load_study_file(study_file)
+def resolve_spec(study: optuna.Study | None, name: str | None, where: str) -> StudySpec:
+    """The study file of `study` (None: it does not exist yet), else the packaged `studies/NAME.yaml`; a
+    StudyFileError says which --study-file to pass. `where` names the study and its storage for messages."""
     if not name:
         raise StudyFileError("give --study-name NAME or --study-file FILE")
-    spec = stored_spec(url, name)
-    if spec is not None:
-        check_sampler_and_pruner(spec)
-        return spec
+    document = study.user_attrs.get(SPEC_ATTR) if study is not None else None
+    if document is not None:
+        return spec_from_document(document, f"the study file stored with {where}", study.user_attrs.get("study_file", ""))
     packaged = packaged_file(name)
     if packaged is not None:
-        return load_study_file(packaged)
+        return load_spec(packaged)
     shipped = ", ".join(sorted(p.stem for p in PACKAGED.glob("*.yaml")))
-    raise StudyFileError(f"study {name!r} in {storage.mask_password(url)} has no study file stored with it and "
-                         f"no packaged studies/{name}.yaml exists (packaged: {shipped}): pass --study-file FILE, "
-                         "the study's YAML file")
+    raise StudyFileError(f"{where} has no study file stored with it and no packaged studies/{name}.yaml exists "
+                         f"(packaged: {shipped}): pass --study-file FILE, the study's YAML file")

@@ -1,13 +1,15 @@
 """Turn a W&B sweep definition into a study file, losing nothing silently.
 
 Mapping: `method` random/grid -> sampler random/grid; `metric` {name, goal} -> metric, direction;
+`method` bayes -> sampler gp (W&B's bayes is a Gaussian process) when every sampled parameter is numeric, else
+tpe (a GP over categorical choices models little), with a printed note saying which and why;
 `parameters`: `value` or a one-element `values` -> fixed; `values` -> categorical (the exact values);
 `min`/`max` with `distribution` uniform -> float, int_uniform -> int, log_uniform_values -> float log,
 q_uniform -> float with step q, log_uniform (bounds are exponents: e^min..e^max) -> float log;
 `early_terminate` hyperband -> pruner hyperband; `run_cap` (else `count`, else the grid size) -> n_trials.
 Keys of the original sweep that had no effect (`studies.studyfile.spec.NO_EFFECT`) are dropped with a printed note
 naming each; launch settings (program, command, project, entity) are ignored with a note; anything else
-this cannot express (bayes, normal distributions, probabilities, nested parameters, unknown keys) is an error.
+this cannot express (normal distributions, probabilities, nested parameters, unknown keys) is an error.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import Any, Callable
 import yaml
 
 from pcvit.config import ConfigError, coerce, field_names
-from studies.studyfile.search import check_sampler_and_pruner
 from studies.studyfile.spec import METRICS, NO_EFFECT, StudyFileError, validate
 
 LAUNCH_KEYS = ("program", "command", "project", "entity")
@@ -42,9 +43,8 @@ def import_sweep(sweep: Any, source: str, n_trials: int | None = None,
         if key in sweep:
             note(f"ignored {key}: it says how W&B launches runs; pcvit-worker runs the trials")
     method = sweep.get("method")
-    if method not in ("random", "grid"):
-        raise fail("method", f"{method!r} cannot be expressed: use random or grid (bayes has no Optuna "
-                             "equivalent; write sampler: {type: tpe} by hand if you want model-based search)")
+    if method not in ("random", "grid", "bayes"):
+        raise fail("method", f"{method!r} cannot be expressed: W&B's methods are random, grid and bayes")
     metric = sweep.get("metric")
     if not isinstance(metric, dict) or "name" not in metric:
         raise fail("metric", "needs {name: ..., goal: maximize|minimize}")
@@ -79,14 +79,28 @@ def import_sweep(sweep: Any, source: str, n_trials: int | None = None,
         "description": sweep.get("description") or f"imported from the W&B sweep {pathlib.Path(source).name}",
         "direction": goal,
         "metric": metric["name"],
-        "sampler": {"type": method},
+        "sampler": _sampler(method, space, note),
         "pruner": _pruner(sweep.get("early_terminate"), fail, note),
         "n_trials": _n_trials(sweep, space, method, n_trials, fail, note),
         "fixed": fixed,
         "space": space,
     }
-    check_sampler_and_pruner(validate(document, source))  # the checks of any study file, before anything is written
+    validate(document, source)  # the checks of any study file, before anything is written
     return document
+
+
+def _sampler(method: str, space: dict[str, dict], note: Callable) -> dict[str, Any]:
+    """random and grid as they are; bayes as Optuna's GP sampler, or TPE when the space has categorical choices."""
+    if method != "bayes":
+        return {"type": method}
+    categorical = sorted(name for name, p in space.items() if p["type"] == "categorical")
+    if not categorical:
+        note("method bayes -> sampler gp: Optuna's Gaussian-process sampler, as W&B's bayes (every sampled "
+             "parameter is numeric)")
+        return {"type": "gp"}
+    note(f"method bayes -> sampler tpe: the space has categorical parameters ({', '.join(categorical)}), which "
+         "a Gaussian process models poorly; TPE models them directly")
+    return {"type": "tpe"}
 
 
 def _convert(name: str, entry: Any, key: str, fail: Callable, note: Callable) -> tuple[str, Any]:

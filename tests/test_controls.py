@@ -1,0 +1,71 @@
+"""The probe's controls (pcvit.controls): the same probe, the same images, features from elsewhere."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pcvit import Run, load_data
+from pcvit.cli import main
+from pcvit.controls import pca_features, probe_controls, probed_width, untrained_network
+from pcvit.probe import probe_accuracy
+from tests.helpers import tiny_config, tiny_config_file
+
+
+def test_the_untrained_network_is_the_one_a_run_starts_from_and_training_does_not_touch_it():
+    config = tiny_config(linear_probe_vode_indices=(0, 1), epochs=1)
+    data = load_data(config)
+    run = Run(config, data)
+    model, states = untrained_network(data, config)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), run.model.state_dict().values()))
+    assert torch.equal(states.top, run.states.top) and torch.equal(states.hidden, run.states.hidden)
+    before = probe_accuracy(run.model, run.states, data, config).accuracy
+    run.run()  # training moves the run's weights, not the control's
+    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), run.model.state_dict().values()))
+    assert probe_controls(data, config, ("untrained",)).fits["untrained"].accuracy == before
+    assert probed_width(model, config) == model.patch_dim + config.hidden_size
+
+
+def test_pca_keeps_the_directions_of_largest_variance_of_the_training_pixels():
+    config = tiny_config()
+    data = load_data(config)
+    train, test = pca_features(data, data.train_images, data.test_images, k=5)
+    assert train.shape == (len(data.train_images), 5) and test.shape == (len(data.test_images), 5)
+    pixels = torch.cat([data.normalise(data.train_images).flatten(1)]).double()
+    singular = torch.linalg.svdvals(pixels - pixels.mean(dim=0))
+    top = (singular[:5] ** 2 / (len(pixels) - 1)).flip(0)  # ascending, as the axes are ordered
+    assert torch.allclose(train.double().var(dim=0), top, rtol=1e-3)
+    assert torch.allclose(train.mean(dim=0), torch.zeros(5), atol=1e-4)  # centred with the training mean
+
+
+def test_unknown_controls_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown controls \\['pixels'\\]"):
+        probe_controls(load_data(tiny_config()), tiny_config(), ("pixels",))
+
+
+def test_raw_patches_use_the_configured_probe_solver():
+    config = tiny_config(linear_probe_solver="lbfgs")
+    fit = probe_controls(load_data(config), config, ("raw_patches",)).fits["raw_patches"]
+    assert fit.converged and fit.steps > 10
+    short = probe_controls(load_data(tiny_config()), tiny_config(), ("raw_patches",)).fits["raw_patches"]
+    assert not short.converged and short.steps == 4  # one epoch over 64 images in minibatches of 16
+
+
+def test_baseline_prints_every_control_and_the_summary_holds_them(tmp_path, capsys):
+    summary = tmp_path / "s.json"
+    assert main([*tiny_config_file(tmp_path, epochs=1), "--no-progress", "--baseline", "--out", str(tmp_path / "o"),
+                 "--summary-json", str(summary)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("controls"))
+    assert "raw patches" in line and "untrained network" in line and "PCA-48 of the pixels" in line
+    data = json.loads(summary.read_text())
+    assert {"raw_patch_baseline", "untrained_baseline", "pca_baseline", "controls_time_s"} <= set(data)
+    assert data["pca_components"] == 48 and 0 <= data["pca_baseline"] <= 1  # P = 4 x 4 x 3 on 32-pixel images
+
+
+def test_without_baseline_there_are_no_controls(tmp_path):
+    summary = tmp_path / "s.json"
+    assert main([*tiny_config_file(tmp_path, epochs=1), "--no-progress", "--out", str(tmp_path / "o"),
+                 "--summary-json", str(summary)]) == 0
+    assert "untrained_baseline" not in json.loads(summary.read_text())
