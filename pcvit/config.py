@@ -20,6 +20,8 @@ PRECISIONS = ("auto", "float32", "tf32", "bf16")  # auto: resolve_precision(), o
 BRANCH_SCALES = ("1", "1/sqrt(L)", "1/L")
 ENERGY_WEIGHTINGS = ("sum", "mean")
 PROBE_SOLVERS = ("adamw", "lbfgs")
+INFERENCE_VARIABLES = ("states", "errors")
+NODE_PRECISIONS = ("none", "dynamic")
 
 
 class ConfigError(ValueError):
@@ -47,10 +49,18 @@ class Config:
     #                                   "1/L" (depth-scaled branches, muPC: Innocenti et al. 2025)
     energy_weighting: str = "sum"  # sum: E = sum of node energies (the original); mean: each node's energy per element,
     #                                times the image's element count (the sensory term unchanged, nodes rebalanced)
+    node_precision: str = "none"  # none: fixed node weights (energy_weighting); dynamic: at the start of every
+    #                               inference each node's energy is weighted by the inverse of its mean squared
+    #                               error, scaled to keep the total (precision weighting, Qi et al. 2025)
 
     # --- inference (state updates) -------------------------------------------------------------
     inference_steps: int = 20  # T, per training batch and per probe batch
     eval_inference_steps: int = 20  # T of validation (fixed in the original, whatever inference_steps is)
+    inference_steps_per_block: int = 0  # > 0: training and probe T = this x num_blocks instead of inference_steps
+    #                                     (T that grows with depth, as muPC's T = number of layers)
+    inference_variables: str = "states"  # states: gradient steps on the states (the original); errors: on the
+    #                                      top latent and the prediction errors, states rebuilt by the forward
+    #                                      chain (error-based inference, ePC: Goemaere et al. 2025)
     peak_lr_hidden: float = 0.095  # SGD lr of the states; see use_lr_schedule_h for its quirk
     hidden_momentum: float = 0.4  # SGD momentum of the states (no dampening, no Nesterov)
     h_grad_clip_norm: float = 2000.0  # ONE global norm over all states and the whole batch
@@ -152,8 +162,13 @@ class Config:
         return self.vode_grad_norm_target if self.use_vode_grad_norm else None
 
     @property
+    def train_steps(self) -> int:
+        """T of a training batch: inference_steps, or inference_steps_per_block x num_blocks."""
+        return self.inference_steps_per_block * self.num_blocks or self.inference_steps
+
+    @property
     def probe_steps(self) -> int:
-        return self.linear_probe_inference_steps or self.inference_steps
+        return self.linear_probe_inference_steps or self.train_steps
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -285,6 +300,15 @@ def _validate(c: Config) -> None:
          f"must be one of {', '.join(BRANCH_SCALES)}, got {c.residual_branch_scale!r}")
     need(c.energy_weighting in ENERGY_WEIGHTINGS, "energy_weighting",
          f"must be one of {', '.join(ENERGY_WEIGHTINGS)}, got {c.energy_weighting!r}")
+    need(c.inference_steps_per_block >= 0, "inference_steps_per_block",
+         f"must be >= 0, got {c.inference_steps_per_block}")
+    need(c.inference_variables in INFERENCE_VARIABLES, "inference_variables",
+         f"must be one of {', '.join(INFERENCE_VARIABLES)}, got {c.inference_variables!r}")
+    need(c.node_precision in NODE_PRECISIONS, "node_precision",
+         f"must be one of {', '.join(NODE_PRECISIONS)}, got {c.node_precision!r}")
+    need(not (c.inference_variables == "errors" and c.use_vode_grad_norm), "inference_variables",
+         "errors cannot be combined with use_vode_grad_norm (it rescales per-state gradients; an error-based "
+         "step has no state gradients)")
     need(c.linear_probe_solver in PROBE_SOLVERS, "linear_probe_solver",
          f"must be one of {', '.join(PROBE_SOLVERS)}, got {c.linear_probe_solver!r}")
     need(c.linear_probe_converged_change > 0, "linear_probe_converged_change",

@@ -93,14 +93,19 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     # node weights (`energy_weighting`): every hidden node has the same weight w, the image 1. dE/dh is then
     # w * (the unweighted gradient with the sensory error divided by w): one scale at the end.
     w = model.hidden_node_weight
-    hidden_energy = 0.5 * _sumsq(e)
-    if c.intermediate_l1_coeff:
-        hidden_energy = hidden_energy + c.intermediate_l1_coeff * torch.linalg.vector_norm(hidden, 1)
-    if c.intermediate_l2_coeff:
-        hidden_energy = hidden_energy + c.intermediate_l2_coeff * _sumsq(hidden)
-    energy = w * hidden_energy + 0.5 * _sumsq(e_sense)
-    if w != 1:
-        e_sense = e_sense / w
+    per_node = model.node_weights  # precision weighting: a weight per node, applied to the errors below
+    if per_node is not None:
+        w = 1.0
+        energy, e_sense = _weighted_energy(c, e, e_sense, hidden, per_node.to(e.dtype))
+    else:
+        hidden_energy = 0.5 * _sumsq(e)
+        if c.intermediate_l1_coeff:
+            hidden_energy = hidden_energy + c.intermediate_l1_coeff * torch.linalg.vector_norm(hidden, 1)
+        if c.intermediate_l2_coeff:
+            hidden_energy = hidden_energy + c.intermediate_l2_coeff * _sumsq(hidden)
+        energy = w * hidden_energy + 0.5 * _sumsq(e_sense)
+        if w != 1:
+            e_sense = e_sense / w
 
     # --- backward: J^T e_below for every block at once (cotangent e_blocks; dE/dz = -J^T e) -------
     d_act = mm.bmm(e_blocks, w_fc2.transpose(1, 2))  # (L, BN, M)
@@ -118,14 +123,29 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
         pulled = _layer_norm_backward(pulled * model.state_ln_w[:, None, None], hidden, state_mu, state_rs)
     g_top = mm.mm(e_first, model.patch_proj_w.t()).neg_().reshape(top.shape)  # before e is overwritten
     g_hidden = e.reshape(L1, B, N, H).sub_(pulled)
+    node_w = 1.0 if per_node is None else per_node[:L1, None, None, None].to(e.dtype)
     if c.intermediate_l1_coeff:
-        g_hidden.add_(hidden.sign(), alpha=c.intermediate_l1_coeff)
+        g_hidden.add_(node_w * hidden.sign(), alpha=c.intermediate_l1_coeff)
     if c.intermediate_l2_coeff:
-        g_hidden.add_(hidden, alpha=2.0 * c.intermediate_l2_coeff)
+        g_hidden.add_(node_w * hidden, alpha=2.0 * c.intermediate_l2_coeff)
     if w != 1:
         g_top.mul_(w)
         g_hidden.mul_(w)
     return energy, g_top, g_hidden
+
+
+def _weighted_energy(c, e: Tensor, e_sense: Tensor, hidden: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """The energy with a weight per node (E_1..E_{L+1}, E_s), and the errors scaled by their node's weight in
+    place (e) or anew (e_sense): the backward then yields dE/dh = w_i e_i - J^T (w_below e_below) as it is."""
+    L1 = e.shape[0]
+    per_node = 0.5 * e.square().sum(dim=(1, 2))  # (L+1,)
+    if c.intermediate_l1_coeff:
+        per_node = per_node + c.intermediate_l1_coeff * hidden.abs().sum(dim=(1, 2, 3))
+    if c.intermediate_l2_coeff:
+        per_node = per_node + c.intermediate_l2_coeff * hidden.square().sum(dim=(1, 2, 3))
+    energy = (weights[:L1] * per_node).sum() + weights[L1] * 0.5 * _sumsq(e_sense)
+    e.mul_(weights[:L1, None, None])
+    return energy, e_sense * weights[L1]
 
 
 def state_step_(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor, m_top: Tensor, m_hidden: Tensor, lr: Tensor,

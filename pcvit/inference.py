@@ -22,6 +22,8 @@ from .config import Config
 from .energy_vjp import VODE_GRAD_NORM_EPS, energy_and_state_grads, settle_states_inplace
 from .model import PCViT
 
+PRECISION_EPS = 1e-12  # node_precision: a node whose error is exactly zero gets a large, finite weight
+
 
 @dataclass
 class States:
@@ -106,28 +108,20 @@ def settle_states(model: PCViT, x: Tensor, states: States, steps: int, lr_at: Ca
     whole-batch gradient is rescaled to that norm before the global clip.
     With `implementation: vjp` and no hooks, the same step runs in place (`energy_vjp.settle_states_inplace`).
     """
+    if model.config.inference_variables == "errors":
+        return settle_errors(model, x, states, steps, lr_at, momentum, clip_norm, scales, before_step, record)
     if model.config.implementation == "vjp" and before_step is None and record is None:
         return settle_states_inplace(model, x, states, steps, lr_at, momentum, clip_norm, scales,
                                      grad_norm_target=grad_norm_target)
     top, hidden = states.top.clone(), states.hidden.clone()
-    scale_top = float(scales[0])
     scale_hidden = scales[1:].to(hidden.dtype).to(hidden.device)[:, None, None, None]  # (L+1, 1, 1, 1)
     m_top = m_hidden = None
     for t in range(steps):
         if before_step is not None:
             before_step(t, States(top, hidden))
         energy, g_top, g_hidden = state_grads(model, x, States(top, hidden))
-        g_top = g_top * scale_top
-        g_hidden = g_hidden * scale_hidden
-        if grad_norm_target is not None:  # every node's whole-batch gradient to the same norm
-            target = grad_norm_target
-            g_top = g_top / (g_top.norm() + VODE_GRAD_NORM_EPS) * target
-            g_hidden = g_hidden / (torch.linalg.vector_norm(g_hidden, dim=(1, 2, 3), keepdim=True)
-                                   + VODE_GRAD_NORM_EPS) * target
-        norm = torch.sqrt(g_top.square().sum() + g_hidden.square().sum())
-        clipped = norm >= clip_norm
-        factor = torch.where(clipped, clip_norm / norm, torch.ones_like(norm))  # no epsilon, as optax
-        g_top, g_hidden = g_top * factor, g_hidden * factor
+        g_top, g_hidden, norm, clipped = step_direction(g_top * float(scales[0]), g_hidden * scale_hidden,
+                                                        clip_norm, grad_norm_target)
         m_top = g_top if m_top is None else g_top + momentum * m_top
         m_hidden = g_hidden if m_hidden is None else g_hidden + momentum * m_hidden
         lr = lr_at(t)
@@ -136,3 +130,92 @@ def settle_states(model: PCViT, x: Tensor, states: States, steps: int, lr_at: Ca
         if record is not None:
             record.append(StepRecord(energy, norm.detach(), clipped, lr, States(top.detach(), hidden.detach())))
     return States(top.detach(), hidden.detach())
+
+
+def step_direction(g_top: Tensor, g_hidden: Tensor, clip_norm: float,
+                   grad_norm_target: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The layer-scaled gradients made a step: optionally every node's whole-batch gradient to one norm
+    (use_vode_grad_norm), then ONE global clip over everything (no epsilon, as optax). Returns both, the
+    global norm before the clip and whether it clipped."""
+    if grad_norm_target is not None:
+        g_top = g_top / (g_top.norm() + VODE_GRAD_NORM_EPS) * grad_norm_target
+        g_hidden = g_hidden / (torch.linalg.vector_norm(g_hidden, dim=(1, 2, 3), keepdim=True)
+                               + VODE_GRAD_NORM_EPS) * grad_norm_target
+    norm = torch.sqrt(g_top.square().sum() + g_hidden.square().sum())
+    clipped = norm >= clip_norm
+    factor = torch.where(clipped, clip_norm / norm, torch.ones_like(norm))
+    return g_top * factor, g_hidden * factor, norm, clipped
+
+
+# --- error-based inference (inference_variables: errors) --------------------------------------------------
+def errors_of(model: PCViT, states: States) -> Tensor:
+    """e_i = h_i - u_i(h_{i-1}) for nodes 1..L+1: (L+1, B, N, H)."""
+    u1, u_blocks, _ = model.predict(states.top, states.hidden)
+    return states.hidden - torch.cat([u1[None], u_blocks])
+
+
+def settle_errors(model: PCViT, x: Tensor, states: States, steps: int, lr_at: Callable[[int], float],
+                  momentum: float, clip_norm: float, scales: Tensor,
+                  before_step: Callable[[int, States], None] | None = None,
+                  record: list[StepRecord] | None = None) -> States:
+    """`settle_states` with the top latent and the errors as the variables (ePC, Goemaere et al. 2025).
+
+    The same energy, written as a function of (h0, e_1..e_{L+1}) through the forward chain
+    h_{i+1} = u_{i+1}(h_i) + e_{i+1}, so that a step on the top latent reaches every layer at once instead of one
+    layer per step. The same step rule (layer scales on the errors of the same nodes, global clip, momentum).
+    Both parametrisations have the same minima; tests/test_levers.py checks that they settle to the same energy.
+    """
+    top = states.top.detach().clone()
+    errors = errors_of(model, states).detach()
+    scale_errors = scales[1:].to(errors.dtype).to(errors.device)[:, None, None, None]
+    m_top = m_errors = None
+    for t in range(steps):
+        top.requires_grad_(True)
+        errors.requires_grad_(True)
+        with torch.enable_grad():
+            hidden, _ = model.chain(top, errors)
+            if before_step is not None:
+                before_step(t, States(top.detach(), hidden.detach()))
+            energy = model.energy(x, top, hidden)
+            g_top, g_errors = torch.autograd.grad(energy, (top, errors))
+        top, errors = top.detach(), errors.detach()
+        g_top, g_errors, norm, clipped = step_direction(g_top * float(scales[0]), g_errors * scale_errors, clip_norm)
+        m_top = g_top if m_top is None else g_top + momentum * m_top
+        m_errors = g_errors if m_errors is None else g_errors + momentum * m_errors
+        lr = lr_at(t)
+        top, errors = top - lr * m_top, errors - lr * m_errors
+        if record is not None:
+            with torch.no_grad():
+                settled = States(top, model.chain(top, errors)[0])
+            record.append(StepRecord(energy.detach(), norm.detach(), clipped, lr, settled))
+    with torch.no_grad():
+        return States(top, model.chain(top, errors)[0])
+
+
+PRECISION_MOMENTUM = 0.9  # node_precision: how slowly the running error estimate forgets earlier batches
+
+
+@torch.no_grad()
+def node_mse(model: PCViT, x: Tensor, states: States) -> Tensor:
+    """(L+2,) mean squared error per element of nodes 1..L+1 and of the image, at `states`."""
+    u1, u_blocks, u_s = model.predict(states.top, states.hidden)
+    hidden = (states.hidden - torch.cat([u1[None], u_blocks])).square().mean(dim=(1, 2, 3))
+    return torch.cat([hidden, (x - u_s).square().mean()[None]]).double()
+
+
+@torch.no_grad()
+def update_precision(model: PCViT, x: Tensor, states: States) -> None:
+    """`node_precision: dynamic`, after a training batch's inference: fold this batch's settled errors into the
+    running estimate of every node's error variance, and weight each node's energy by its precision (the
+    inverse), scaled so that the weighted total at these states equals the total with the fixed weights (the
+    step sizes keep their meaning). The next inferences, and this batch's weight update, use those weights.
+    Qi et al. 2025 weight by such precisions so that the small errors of deep nodes are not drowned by the large
+    ones near the image."""
+    mse = node_mse(model, x, states)
+    running = model.node_mse_estimate
+    model.node_mse_estimate = mse if running is None else PRECISION_MOMENTUM * running + (1 - PRECISION_MOMENTUM) * mse
+    model.node_weights = None
+    per_node = model.node_energies(x, states.top, states.hidden).sum(dim=0).double()
+    precision = 1.0 / (model.node_mse_estimate + PRECISION_EPS)
+    fixed_total = model.total_energy(per_node[None].float()).double()
+    model.node_weights = (precision * fixed_total / ((precision * per_node).sum() + PRECISION_EPS)).float()

@@ -95,6 +95,10 @@ class PCViT(nn.Module):
         # `energy_weighting`: weight of every hidden node's energy (the image's is 1); mean = image / node elements
         self.hidden_node_weight = 1.0 if c.energy_weighting == "sum" else \
             (channels * image_size ** 2) / (self.num_patches * H)
+        # `node_precision: dynamic`: (L+2,) weights of E_1..E_{L+1}, E_s from a running estimate of each node's
+        # error variance, updated after every training batch (inference.update_precision); None: fixed weights
+        self.node_weights: Tensor | None = None
+        self.node_mse_estimate: Tensor | None = None
 
     # --- pieces shared by both implementations ---------------------------------------------------
     def project_top(self, h0: Tensor) -> Tensor:
@@ -177,7 +181,10 @@ class PCViT(nn.Module):
 
     def total_energy(self, per_node: Tensor) -> Tensor:
         """(B, L+2) node energies -> the total over nodes and batch: the hidden nodes' energies weighted by
-        `hidden_node_weight` (1 for `energy_weighting: sum`, the original), the image's by 1."""
+        `hidden_node_weight` (1 for `energy_weighting: sum`, the original), the image's by 1; with precision
+        weighting, each node by its `node_weights` entry."""
+        if self.node_weights is not None:
+            return (per_node * self.node_weights.to(per_node.dtype)).sum()
         if self.hidden_node_weight == 1.0:
             return per_node.sum()
         return self.hidden_node_weight * per_node[:, :-1].sum() + per_node[:, -1].sum()
@@ -194,10 +201,18 @@ class PCViT(nn.Module):
         Used for the run-start INIT (states := predictions) and for every reconstruction. The chain is
         sequential by nature, so both implementations run it block after block.
         """
+        return self.chain(h0)
+
+    def chain(self, h0: Tensor, errors: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """States from the top latent and the nodes' errors: h_1 = u_1(h0) + e_1, h_{i+1} = u_{i+1}(h_i) + e_{i+1}
+        (errors (L+1, B, N, H); None: all zero, the feed-forward pass). Returns the states and the predicted image.
+        Differentiable: error-based inference (`inference_variables: errors`) steps through it."""
         with self._autocast():
-            zs = [self.project_top(h0)]
+            z = self.project_top(h0)
+            zs = [z if errors is None else z + errors[0]]
             for l in range(self.config.num_blocks):
-                zs.append(self.block_plain(l, self.feed_node(l, zs[-1])))
+                z = self.block_plain(l, self.feed_node(l, zs[-1]))
+                zs.append(z if errors is None else z + errors[l + 1])
             hidden = torch.stack(zs).to(h0.dtype)
             return hidden, self.project_out(self.feed_node(self.config.num_blocks, hidden[-1])).to(h0.dtype)
 

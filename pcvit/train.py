@@ -23,7 +23,7 @@ from .config import Config, ConfigError, resolve_precision
 from .data import ImageData, load_data
 from .diagnostics import NODE_LISTS, NodeDiagnostics
 from .images import save_reconstruction_grid
-from .inference import States, init_states, layer_scales, settle_states
+from .inference import States, init_states, layer_scales, settle_states, update_precision
 from .listeners import Listener, RunResult, StopReason, jsonable
 from .model import PCViT
 from .optim import hidden_lr, make_weight_optimizer, scale_and_clip_grads, set_lr, weight_lr
@@ -119,7 +119,9 @@ class Run:
         the last batch of an epoch also its dE/dh at the settled states (the backward then also reaches them)."""
         c = self.config
         start = self.start_states(len(x), c.use_status_init_in_training)
-        final = self.settle(x, start, c.inference_steps, grad_norm_target=c.grad_norm_target)
+        final = self.settle(x, start, c.train_steps, grad_norm_target=c.grad_norm_target)
+        if c.node_precision == "dynamic":  # (a resumed run starts its estimate afresh)
+            update_precision(self.model, x, final)
         set_lr(self.optim_w, weight_lr(c, self.global_step, self.total_steps))
         self.optim_w.zero_grad(set_to_none=True)
         diagnose = c.node_diagnostics
@@ -259,7 +261,7 @@ class Run:
             "epoch": epoch, "train_mse": train_mse, "train_energy": train_energy,
             "lr_weights": weight_lr(c, (epoch - 1) * self.batches_per_epoch, self.total_steps),
             "lr_hidden_logged": hidden_lr(c, (epoch - 1) * self.batches_per_epoch, self.total_steps),
-            "lr_hidden_max_used": max(self.hidden_lr_at(t) for t in range(c.inference_steps)),
+            "lr_hidden_max_used": max(self.hidden_lr_at(t) for t in range(c.train_steps)),
             **self.diagnostics.summary(),  # per-node energies, state sizes, top-latent movement (GPU sync)
         }
         r.epochs_run = epoch
