@@ -47,6 +47,7 @@ from studies.results.curves import save_curves
 from studies.results.dashboard_notes import save_note, trial_note, update_study_note
 from studies.studyfile.samplers import new_sampler_seed
 from studies.studyfile.search import representative_params, suggest_config
+from studies.running.proxy_reaper import wait_for_proxy_reaper
 from studies.running.side_channels import Tolerant, best_effort
 from studies.studyfile.spec import METRICS, StudyFileError, StudySpec, load_spec
 from studies.running.stopping import SignalGuard, StopOnSignal, WorkerStopped
@@ -282,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         db = storage.wait_for_storage(url, check_budget=True)
         db = retrying(db, patience_s=storage.STARTUP_PATIENCE_S)  # every storage call waits out an outage
         study, spec = join_study(db, url, args.study_name, spec, sampler_seed)
+        if storage.is_proxy_url(url):  # behind a proxy, dead workers' trials are reaped by the proxy's process only
+            wait_for_proxy_reaper(study, url)
         if not args.study_file:
             check_dataset(spec)
         db.patience_s = DB_PATIENCE_S  # joined: from now on a trial waits longer before it gives up

@@ -16,6 +16,7 @@ import optuna
 from storage.locks import LOCK_SUFFIX, file_lock
 from storage.postgres import (StorageError, StorageUnreachable, check_connection_budget, engine_kwargs, is_postgres_url,
                               mask_password, storage_error)
+from storage.proxy import is_proxy_url, open_proxy
 from storage.urls import SQLITE_SUFFIXES, is_journal, journal_path, need_folder
 
 log = logging.getLogger("pcvit.storage")
@@ -28,15 +29,20 @@ def open_storage(
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
     check_budget: bool = False,
+    connections: int | None = None,
 ) -> optuna.storages.BaseStorage:
     """Open the Optuna storage behind `url`; raise StorageError naming the URL when it cannot be used.
 
     RDB storages (SQLite, PostgreSQL) get heartbeats every `heartbeat_interval` seconds; what counts as
     dead, and what happens to it, is the runner's business (`studies.running.reaper`). The journal file has no
     heartbeat. With `check_budget`, a PostgreSQL server must have a free connection budget for one more
-    worker. Workers that open a new SQLite file together create its tables one at a time.
+    worker. Workers that open a new SQLite file together create its tables one at a time. `connections`:
+    a PostgreSQL pool of exactly that many (the storage proxy's), instead of a worker's. A `grpc://` storage
+    proxy has no heartbeat table: a worker beats through a trial attribute (studies.running.reaper).
     """
     shown = mask_password(url)
+    if is_proxy_url(url):
+        return open_proxy(url)
     if is_journal(url):
         path = journal_path(url)
         if "://" not in url and path.suffix in SQLITE_SUFFIXES:
@@ -56,11 +62,13 @@ def open_storage(
         if check_budget:
             check_connection_budget(url, 1, dashboards=0)
         options = engine_kwargs()
+        if connections is not None:
+            options.update(pool_size=connections, max_overflow=0)
     elif scheme.split("+")[0] == "mysql":
         options = {"pool_pre_ping": True}
     else:
         raise StorageError(f"{shown}: not a storage URL this runner knows; use sqlite:///PATH, "
-                           "journal:///PATH or postgresql+psycopg2://USER@HOST:PORT/DB")
+                           "journal:///PATH, postgresql+psycopg2://USER@HOST:PORT/DB or grpc://HOST:PORT (a storage proxy)")
     import sqlalchemy
 
     heartbeat = {}

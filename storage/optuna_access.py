@@ -31,10 +31,16 @@ DB_PATIENCE_S = 600  # how long a worker keeps retrying through a database outag
 def _db_unreachable_errors() -> tuple[type[Exception], ...]:
     import sqlalchemy
 
-    return optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError
+    try:  # through a storage proxy: the client turns NOT_FOUND, ALREADY_EXISTS and FAILED_PRECONDITION into
+        import grpc  # KeyError, DuplicatedStudyError, UpdateFinishedTrialError; an RpcError left is UNAVAILABLE (no
+        proxy_errors: tuple[type[Exception], ...] = (grpc.RpcError,)  # proxy), UNKNOWN (its database) or a deadline
+    except ImportError:
+        proxy_errors = ()
+    return (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+            *proxy_errors)
 
 
-DB_UNREACHABLE = _db_unreachable_errors()  # what a call raises while the database is out of reach
+DB_UNREACHABLE = _db_unreachable_errors()  # what a call raises while the database (or its proxy) is out of reach
 
 
 def retried(call: Callable[..., Any], *args: Any, patience_s: float = DB_PATIENCE_S, **kwargs: Any) -> Any:
@@ -203,6 +209,30 @@ def fail_if_running(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> b
     return retried(update, patience_s=storage.patience_s) == 1
 
 
+# --- the gRPC storage proxy's client ------------------------------------------------------------------------
+def proxy_client_class(max_backoff_ms: int) -> type:
+    """Optuna's GrpcStorageProxy with a channel that reconnects within `max_backoff_ms` of a restarted proxy
+    (gRPC's default backoff grows to 120 s: a restarted proxy would sit unused for minutes)."""
+    from optuna.storages import GrpcStorageProxy
+    from optuna.storages._grpc.client import GrpcClientCache
+
+    class ProxyStorage(GrpcStorageProxy):
+        def _setup(self) -> None:
+            import grpc
+            from optuna.storages._grpc.auto_generated import api_pb2_grpc
+
+            self._channel = grpc.insecure_channel(f"{self._host}:{self._port}", options=[
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.initial_reconnect_backoff_ms", 500),
+                ("grpc.min_reconnect_backoff_ms", 500),
+                ("grpc.max_reconnect_backoff_ms", max_backoff_ms),
+            ])
+            self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
+            self._cache = GrpcClientCache(self._stub)
+
+    return ProxyStorage
+
+
 # --- heartbeats ------------------------------------------------------------------------------------------
 def has_heartbeats(study: optuna.Study) -> bool:
     return bool(getattr(study._storage, "get_heartbeat_interval", lambda: None)())
@@ -210,6 +240,23 @@ def has_heartbeats(study: optuna.Study) -> bool:
 
 def record_heartbeat(study: optuna.Study, trial_id_: int) -> None:
     study._storage.record_heartbeat(trial_id_)
+
+
+def is_proxied(study: optuna.Study) -> bool:
+    """True when the study's storage is a gRPC storage proxy (no heartbeat table, no locks)."""
+    from optuna.storages import GrpcStorageProxy
+
+    return isinstance(backend_of_study(study), GrpcStorageProxy)
+
+
+def record_attribute_beat(study: optuna.Study, trial_id_: int, key: str, count: int) -> None:
+    """A heartbeat behind a proxy: the trial's system attribute `key` raised to `count`."""
+    study._storage.set_trial_system_attr(trial_id_, key, count)
+
+
+def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
+    """The study's system attributes, read now (not from the Study object's cache)."""
+    return study._storage.get_study_system_attrs(study._study_id)
 
 
 def stale_trial_ids(study: optuna.Study) -> set[int]:

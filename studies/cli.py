@@ -6,6 +6,7 @@
     pcvit-study report --storage URL --study-name NAME [--format markdown|json] [--to-dashboard]
     pcvit-study show-config --storage URL --study-name NAME 17 > trial17.yaml   # for pcvit-train --config
     pcvit-study replay --storage URL --study-name NAME 17 [pcvit-train args]   # re-run trial 17 exactly
+    pcvit-study proxy --storage postgresql+psycopg2://... [--host 0.0.0.0] [--port 13000] [--connections 8]
 
 Exit codes: 0 fine, 2 bad input (an invalid study file, a study or storage that does not exist, bad usage),
 with one line naming the file or argument; replay: pcvit-train's. `reap`, `report`, `show-config` and `replay`
@@ -45,6 +46,9 @@ def reap(url: str, name: str) -> int:
     from studies.running.reaper import reap_once
     from studies.running.worker import open_existing_study
 
+    if storage.is_proxy_url(url):
+        raise storage.StorageError(f"{url}: behind a storage proxy, `pcvit-study proxy` reaps (it holds the locks "
+                                   "a retry needs); to reap by hand, give the PostgreSQL URL behind it")
     study, spec = open_existing_study(url, name)
     reaped = reap_once(study, spec.grace_period, spec.max_retries)
     print(f"reaped {len(reaped)} dead trial(s){': ' + ', '.join(map(str, reaped)) if reaped else ''}")
@@ -80,6 +84,31 @@ def replay(url: str, name: str, number: int, train_args: list[str]) -> int:
     return replay_trial(url, name, number, train_args)
 
 
+def proxy(url: str, host: str, port: int, connections: int) -> int:
+    """Serve the PostgreSQL storage `url` to workers at grpc://HOST:PORT, with the reaper beside it."""
+    import logging
+
+    from storage.postgres import PER_WORKER, check_connection_budget, is_postgres_url
+    from storage.proxy import serve
+    from studies.running.proxy_reaper import ProxyReaper
+
+    if not is_postgres_url(url):
+        raise storage.StorageError(f"{storage.mask_password(url)}: the storage proxy serves PostgreSQL only (its row "
+                                   "and advisory locks keep retries exact); on one machine, give the workers the "
+                                   "SQLite or journal URL directly")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_connection_budget(url, 1, per_client=connections + PER_WORKER, dashboards=0)  # the pool + the reaper's
+    backend = storage.open_storage(url, connections=connections)
+    reaper = ProxyReaper(storage.open_storage(url)).start()
+    print(f"pcvit-study proxy: serving {storage.mask_password(url)} at grpc://{host}:{port} with {connections} "
+          f"database connections (+{PER_WORKER} for the reaper)", flush=True)
+    try:
+        serve(backend, host, port, threads=connections)
+    finally:
+        reaper.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pcvit-study", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("number", type=int, help="the trial's number")
         if name == "replay":
             p.add_argument("train_args", nargs=argparse.REMAINDER, help="pcvit-train arguments, e.g. --out DIR")
+    p = commands.add_parser("proxy", help="serve a PostgreSQL storage to many workers at grpc://HOST:PORT "
+                                          "(Optuna's gRPC proxy, with the reaper beside it)")
+    p.add_argument("--storage", help=f"the PostgreSQL URL (default: ${storage.URL_ENV})")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=positive_int, default=13000, help="port to listen on (default 13000)")
+    p.add_argument("--connections", type=positive_int, default=8,
+                   help="database connections the proxy holds, and its request threads (default 8)")
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
@@ -120,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             return replay(url, args.study_name, args.number, args.train_args)
         if args.command == "reap":
             return reap(url, args.study_name)
+        if args.command == "proxy":
+            return proxy(url, args.host, args.port, args.connections)
         return report(url, args.study_name, args.format, args.to_dashboard)
     except (StudyFileError, storage.StorageError) as exc:
         print(f"pcvit-study: error: {exc}", file=sys.stderr)

@@ -152,16 +152,20 @@ def storage_url(worker_args: list[str]) -> str | None:
 
 
 def check_storage(worker_args: list[str], workers: int, patience_s: float = 60.0) -> None:
-    """On PostgreSQL, fail before starting anything if the server lacks connections for all workers.
-    A server that does not answer yet (starting, restarting) is waited for up to `patience_s` seconds."""
+    """On PostgreSQL, fail before starting anything if the server lacks connections for all workers; behind a
+    storage proxy (grpc://), if the proxy does not answer. A server or proxy that does not answer yet (starting,
+    restarting) is waited for up to `patience_s` seconds."""
     from storage.postgres import StorageUnreachable, check_connection_budget, is_postgres_url
+    from storage.proxy import is_proxy_url, open_proxy
 
     url = storage_url(worker_args)
-    if not is_postgres_url(url):
+    if not is_postgres_url(url) and not is_proxy_url(url):
         return
     deadline = time.monotonic() + patience_s
     while True:
         try:
+            if is_proxy_url(url):  # the proxy holds the connections: only check that it answers
+                return open_proxy(url).close()
             return check_connection_budget(url, clients=workers)
         except StorageUnreachable as exc:
             if time.monotonic() + 2 > deadline:

@@ -8,6 +8,9 @@ workers are busy training. A RUNNING trial is reaped when
   watched with the database reachable. After an outage every clock starts again, so an outage longer
   than the grace period reaps nothing that is alive. A trial that is alive on this machine is never reaped.
 The journal file has no heartbeat: there, only owners on this machine are judged (and unclaimed trials).
+Behind a gRPC storage proxy there is no heartbeat table either: a worker beats by raising the trial's
+`pcvit:heartbeat` attribute, and only the proxy's process (`studies.running.proxy_reaper`, which has the
+database's locks) reaps, from those attributes; the workers' threads only beat.
 Reaping fails the trial and queues exactly one retry (`studies.running.retries`); the thread also repairs a
 FAIL trial whose retry went missing. `reap_once` without a watch (`pcvit-study reap`) trusts the
 database's clock instead, as Optuna does.
@@ -24,12 +27,13 @@ from typing import Any, Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from storage.optuna_access import (fail_fast, has_heartbeats, heartbeats, record_heartbeat, stale_trial_ids,
-                                    stored_trial, trial_id)
+from storage.optuna_access import (fail_fast, has_heartbeats, heartbeats, is_proxied, record_attribute_beat,
+                                   record_heartbeat, stale_trial_ids, stored_trial, trial_id)
 from studies.running.owners import OWNER, owner_is_alive, owner_is_dead
 from studies.running.retries import fail_for_retry, repair_missing_retries, requeue
 
 log = logging.getLogger("pcvit.reaper")
+HEARTBEAT = "pcvit:heartbeat"  # trial system attr: a count a worker behind a storage proxy raises every interval
 
 
 class StalenessWatch:
@@ -54,11 +58,16 @@ class StalenessWatch:
 
 
 def reap_once(study: optuna.Study, grace_period: float, max_retries: int,
-              watch: StalenessWatch | None = None) -> list[int]:
-    """Fail and re-queue the RUNNING trials whose worker is gone; return the numbers this call reaped."""
+              watch: StalenessWatch | None = None, attribute_beats: bool = False) -> list[int]:
+    """Fail and re-queue the RUNNING trials whose worker is gone; return the numbers this call reaped.
+
+    `attribute_beats` (with a watch): judge heartbeats by the trials' HEARTBEAT attribute (workers behind a
+    storage proxy) instead of Optuna's heartbeat table."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    beating = has_heartbeats(study)
-    if beating and watch is not None:
+    beating = has_heartbeats(study) or (attribute_beats and watch is not None)
+    if attribute_beats and watch is not None:
+        stale = watch.stale({trial_id(t): t.system_attrs.get(HEARTBEAT) for t in running})
+    elif beating and watch is not None:
         stale = watch.stale(heartbeats(study))
     elif beating:
         stale = stale_trial_ids(study)
@@ -93,11 +102,14 @@ def dead_reason(trial: FrozenTrial, stale: bool, beating: bool, grace_period: fl
 
 
 class Reaper:
-    """The worker's background thread: every heartbeat interval, beat for the trial it runs, then reap."""
+    """The worker's background thread: every heartbeat interval, beat for the trial it runs, then reap
+    (behind a storage proxy: only beat, through the trial's HEARTBEAT attribute)."""
 
     def __init__(self, study: optuna.Study, interval: float, grace_period: float, max_retries: int):
         self.study, self.interval, self.max_retries = study, interval, max_retries
         self.watch = StalenessWatch(grace_period)
+        self.proxied = is_proxied(study)
+        self.beats = 0
         self.trial_id: int | None = None
         self.reaped: list[int] = []
         self._stop = threading.Event()
@@ -124,17 +136,28 @@ class Reaper:
 
     def _beat(self) -> None:
         beating_for = self.trial_id
-        if beating_for is None or not has_heartbeats(self.study):
+        if beating_for is None or not (self.proxied or has_heartbeats(self.study)):
             return
         try:
             with fail_fast(self.study):  # a beat that waits out an outage would arrive late anyway
-                record_heartbeat(self.study, beating_for)
+                if self.proxied:
+                    self.beats += 1
+                    record_attribute_beat(self.study, beating_for, HEARTBEAT, self.beats)
+                else:
+                    record_heartbeat(self.study, beating_for)
+            if self.proxied and self._outage:
+                log.warning("storage proxy reachable again")
+                self._outage = False
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # finished (told, or reaped) between the check and the beat
         except Exception as exc:  # noqa: BLE001 - keep beating through a database restart
             self._unreachable(f"heartbeat of trial id {beating_for}", exc)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._beat()
+            if self.proxied:
+                continue  # the proxy's process reaps: it alone holds the locks a retry needs
             try:
                 with fail_fast(self.study):  # staleness is judged by the clock: never judge after a wait
                     reaped = reap_once(self.study, self.watch.grace_period, self.max_retries, self.watch)

@@ -99,16 +99,21 @@ def retry_template(failed: FrozenTrial, history: list[int], reason: str) -> Froz
     )
 
 
-def repair_missing_retries(study: optuna.Study, max_retries: int) -> list[int]:
-    """Queue the retry of every FAIL trial that was marked for one but has none; return their numbers."""
+def missing_retries(study: optuna.Study, max_retries: int) -> list[FrozenTrial]:
+    """The FAIL trials that were marked for a retry but have none yet."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs["retry_history"][-1] for t in trials if is_retry(t)}
+    return [trial for trial in trials
+            if trial.state == TrialState.FAIL and RETRY_REASON in trial.system_attrs and trial.number not in retried
+            and len(trial.system_attrs.get("retry_history", [])) < max_retries]
+
+
+def repair_missing_retries(study: optuna.Study, max_retries: int) -> list[int]:
+    """Queue the retry of every FAIL trial that was marked for one but has none; return their numbers."""
     repaired = []
-    for trial in trials:
-        if trial.state == TrialState.FAIL and RETRY_REASON in trial.system_attrs and trial.number not in retried \
-                and len(trial.system_attrs.get("retry_history", [])) < max_retries:
-            if requeue(study, trial, max_retries, f"{trial.system_attrs[RETRY_REASON]} (retry repaired)"):
-                repaired.append(trial.number)
+    for trial in missing_retries(study, max_retries):
+        if requeue(study, trial, max_retries, f"{trial.system_attrs[RETRY_REASON]} (retry repaired)"):
+            repaired.append(trial.number)
     return repaired
 
 

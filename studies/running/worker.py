@@ -40,8 +40,8 @@ from storage.optuna_access import (fail_if_running, optimize_loop, set_system_at
                                    study_id, trial_id, use_heartbeats)
 from studies.running.owners import claim
 from studies.running.reaper import Reaper
-from studies.running.retries import (fail_for_retry, is_retry, lineage, lineage_done, repair_missing_retries,
-                                     requeue)
+from studies.running.retries import (fail_for_retry, is_retry, lineage, lineage_done, missing_retries,
+                                     repair_missing_retries, requeue)
 from studies.running.stopping import SignalGuard, WorkerStopped
 from studies.studyfile.study_source import resolve_spec
 from studies.studyfile.spec import SPEC_ATTR, StudyFileError, StudySpec, canonical, spec_diff, spec_from_document
@@ -145,13 +145,18 @@ def run_worker(study: optuna.Study, spec: StudySpec, objective: Callable[[optuna
     guard = guard or SignalGuard()
     ran = failures_in_a_row = 0
     reaper = Reaper(study, spec.heartbeat_interval, spec.grace_period, spec.max_retries)
+    proxied = reaper.proxied  # behind a storage proxy only the proxy's reaper adds retries (it holds the lock)
     try:
         with guard.installed(), reaper, optimize_loop(study):
             while guard.signum is None and (max_trials is None or ran < max_trials):
                 trial = next_trial(study, spec)
                 if trial is None:
                     unfinished = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-                    if not unfinished and repair_missing_retries(study, spec.max_retries):
+                    if not unfinished and proxied and missing_retries(study, spec.max_retries):
+                        log.info("waiting for the storage proxy's reaper to queue a retry")
+                        guard.event.wait(spec.heartbeat_interval)
+                        continue
+                    if not unfinished and not proxied and repair_missing_retries(study, spec.max_retries):
                         continue  # a retry was missing (its reaper died between two writes): run it
                     if not unfinished:
                         log.info("the study's budget of %d trials (or its grid) is spent and no trial is left "
@@ -211,7 +216,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     if outcome == "interrupted":
         why = f"trial {trial.number}: {reason}"
         if fail_for_retry(study, frozen, reason):
-            requeue(study, stored_trial(study, trial), spec.max_retries, why)
+            if reaper.proxied:  # behind a proxy its reaper adds the retry, under the database's lock
+                log.warning("%s; failed for a retry, which the storage proxy's reaper queues", why)
+            else:
+                requeue(study, stored_trial(study, trial), spec.max_retries, why)
         return outcome
     try:
         if reason:
