@@ -40,18 +40,19 @@ import torch
 
 import storage
 from pcvit import Config, DatasetError, Listener, RunResult, load_data, train
-from storage.optuna_access import DB_PATIENCE_S, retrying, stored_trial, study_id
+from storage.optuna_access import DB_PATIENCE_S, retrying, stored_trial, study_id, study_system_attrs
 from storage.checkpoints import CheckpointFiles
 from studies.running import retries
 from studies.results.curves import save_curves
 from studies.results.dashboard_notes import save_note, trial_note, update_study_note
 from studies.results.reconstruction_view import labelled_grid
-from studies.studyfile.search import build_pruner, build_sampler, new_sampler_seed, representative_params, suggest_config
+from studies.studyfile.search import (build_pruner, build_sampler, new_sampler_seed, representative_params,
+                                     suggest_config)
 from studies.running.side_channels import Tolerant, best_effort
 from studies.studyfile.spec import METRICS, StudyFileError, StudySpec
 from studies.running.stopping import SignalGuard, StopOnSignal, WorkerStopped
 from studies.studyfile.study_source import resolve_spec
-from studies.running.worker import join_study, run_worker
+from studies.running.worker import GRID_SEED, join_study, run_worker
 from studies.running.worker_args import parse_worker_args
 
 log = logging.getLogger("pcvit.objective")
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         study = join_study(db, url, args.study_name or spec.name, spec, build_sampler(spec, sampler_seed),
                            build_pruner(spec))
         db.patience_s = DB_PATIENCE_S  # joined: from now on a trial waits longer before it gives up
+        sampler_seed = study_system_attrs(study).get(GRID_SEED, sampler_seed)  # a grid's order is the study's
     except (StudyFileError, storage.StorageError, DatasetError) as exc:
         print(f"pcvit-worker: error: {exc}", file=sys.stderr)
         return 2

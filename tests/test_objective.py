@@ -3,6 +3,7 @@ the per-trial record, artifacts, the study-wide budget, and Optuna's own CLI on 
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 import subprocess
@@ -278,3 +279,21 @@ def test_a_grid_study_runs_every_point_once_and_the_worker_ends_cleanly(tmp_path
     trials = load(url).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert sorted(t.params["hidden_momentum"] for t in trials) == [0.3, 0.4]
+
+
+@pytest.mark.slow
+def test_two_worker_processes_run_every_grid_point_exactly_once(tmp_path):
+    """Both workers build the grid from the seed stored with the study: each grid id is one point everywhere,
+    so the 12 trial numbers the storage hands out are the 12 points, none twice (per-worker seeds repeat some)."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    space = {"hidden_momentum": {"type": "categorical", "choices": [0.3, 0.4, 0.5]},
+             "peak_lr_hidden": {"type": "categorical", "choices": [0.05, 0.1]},
+             "inference_steps": {"type": "categorical", "choices": [1, 2]}}
+    study_file = tiny_study(tmp_path, n_trials=12, sampler={"type": "grid"}, space=space,
+                            fixed={"epochs": 1, "linear_probe_epochs": 1})
+    done, trained = run_workers_to_the_end(url, study_file, tmp_path, workers=2, trials_each=12)
+    points = sorted(tuple(t.params[name] for name in space) for t in trained if t.state == TrialState.COMPLETE)
+    assert points == sorted(itertools.product(*(p["choices"] for p in space.values())))  # each once, none missing
+    assert len({t.user_attrs["worker"] for t in trained}) == 2  # both drew points
+    seed = load(url)._storage.get_study_system_attrs(load(url)._study_id)["pcvit:grid_seed"]
+    assert {t.user_attrs["sampler_seed"] for t in trained} == {seed}  # the trials record the shared order's seed

@@ -3,6 +3,10 @@
 * Study: loaded, or created from the study file when absent (also after `optuna create-study`, which
   makes it without our attributes). The file's canonical content is stored as the study user attribute
   `study_spec` (and its text as `study_file`); a worker whose file differs refuses and prints the diff.
+* Grid: the grid's order comes from one seed drawn by the first worker to join and stored with the study
+  (system attr `pcvit:grid_seed`). Optuna's GridSampler gives trial number n the n-th point of its shuffled
+  grid; with the order shared, the trial numbers the storage hands out make every point run exactly once
+  whatever the number of workers. Other samplers keep one seed per worker (they must draw differently).
 * Budget, exact under concurrency: the first `n_trials` fresh trials by trial number are the budget
   (retries of a crashed trial are not fresh and do not count). A worker counts before it asks; if several
   asked at once, a trial whose number ranks beyond the budget is marked `pcvit:surplus`, failed at once
@@ -37,22 +41,27 @@ import storage
 from storage import mask_password
 from storage.checkpoints import CheckpointFiles, lineage_of
 from storage.locks import storage_lock
-from storage.optuna_access import fail_if_running, set_system_attr, set_user_attr, stored_trial, study_id, trial_id
+from storage.optuna_access import (fail_if_running, set_study_system_attr, set_system_attr, set_user_attr,
+                                   stored_trial, study_id, study_system_attrs, trial_id)
 from studies.running.owners import claim
 from studies.running.reaper import Reaper
 from studies.running.retries import (fail_for_retry, is_retry, lineage, lineage_done, repair_missing_retries,
                                      requeue)
 from studies.running.stopping import SignalGuard, WorkerStopped
+from studies.studyfile.search import build_sampler, new_sampler_seed
 from studies.studyfile.spec import SPEC_ATTR, StudyFileError, StudySpec, canonical, spec_diff, spec_from_document
 
 log = logging.getLogger("pcvit.worker")
 SURPLUS = "pcvit:surplus"  # system attr of a trial created beyond the budget by a concurrent ask
+GRID_SEED = "pcvit:grid_seed"  # study system attr: the seed of the grid's order, the same for every worker
 MAX_FAILURES_IN_A_ROW = 3
 
 
 # --- the study ----------------------------------------------------------------------------------------
 def join_study(storage: Any, url: str, name: str, spec: StudySpec, sampler: Any, pruner: Any) -> optuna.Study:
-    """Load study `name`, or create it from the file; refuse (StudyFileError) when the stored study differs."""
+    """Load study `name`, or create it from the file; refuse (StudyFileError) when the stored study differs.
+
+    `sampler` is this worker's; a grid study replaces it by the grid sampler of the study's shared grid seed."""
     where = f"study {name!r} in {mask_password(url)}"
     try:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
@@ -77,7 +86,25 @@ def join_study(storage: Any, url: str, name: str, spec: StudySpec, sampler: Any,
         lines = "\n  ".join(spec_diff(stored_spec, mine))
         raise StudyFileError(f"{spec.source} differs from the study file stored with {where}; this worker "
                              f"refuses to join. Differences:\n  {lines}")
+    if spec.sampler["type"] == "grid":
+        study.sampler = build_sampler(spec, shared_grid_seed(study, storage, name))
     return study
+
+
+def shared_grid_seed(study: optuna.Study, storage: Any, name: str) -> int:
+    """The seed of the grid's order: drawn once, by the first worker to join, and stored with the study.
+
+    A per-worker seed would shuffle the grid differently in every worker while the grid ids they claim are
+    shared through the storage, so one id would mean a different point in each: points run twice, others never.
+    """
+    seed = study_system_attrs(study).get(GRID_SEED)
+    if seed is None:
+        with storage_lock(storage, f"grid-seed:{name}"):
+            seed = study_system_attrs(study).get(GRID_SEED)
+            if seed is None:
+                seed = new_sampler_seed()
+                set_study_system_attr(study, GRID_SEED, seed)
+    return int(seed)
 
 
 def open_existing_study(url: str, name: str) -> tuple[optuna.Study, StudySpec]:

@@ -2,7 +2,9 @@
 that turn a trial into a config (from its `space`).
 
 The sampler's seed is per worker (from os.urandom), never from the file: workers that share a seed
-draw the same trials. Each trial records its worker's seed as the `sampler_seed` user attribute.
+draw the same trials. A grid is the exception: its order must be the same in every worker, so its seed
+is stored with the study (`studies.running.worker.shared_grid_seed`). Each trial records the seed that
+sampled it as the `sampler_seed` user attribute.
 """
 
 from __future__ import annotations
