@@ -297,3 +297,24 @@ def test_two_worker_processes_run_every_grid_point_exactly_once(tmp_path):
     assert len({t.user_attrs["worker"] for t in trained}) == 2  # both drew points
     seed = load(url)._storage.get_study_system_attrs(load(url)._study_id)["pcvit:grid_seed"]
     assert {t.user_attrs["sampler_seed"] for t in trained} == {seed}  # the trials record the shared order's seed
+
+
+def test_a_gp_study_runs_its_modelled_trials_in_the_worker(tmp_path, monkeypatch):
+    """After its one start-up trial the GP sampler fits the finished trials: the worker's trials 2 and 3."""
+    modelled = []
+    sample_relative = optuna.samplers.GPSampler.sample_relative
+
+    def counted(self, study, trial, search_space):
+        params = sample_relative(self, study, trial, search_space)
+        modelled.append(trial.number) if params else None
+        return params
+
+    monkeypatch.setattr(optuna.samplers.GPSampler, "sample_relative", counted)
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_file = tiny_study(tmp_path, n_trials=3, sampler={"type": "gp", "n_startup_trials": 1},
+                            fixed={"epochs": 1})
+    assert run_main(url, study_file, tmp_path / "art") == 0
+    study = load(url)
+    assert modelled == [1, 2]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 3

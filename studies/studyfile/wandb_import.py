@@ -1,13 +1,15 @@
 """Turn a W&B sweep definition into a study file, losing nothing silently.
 
-Mapping: `method` random/grid -> sampler random/grid; `metric` {name, goal} -> metric, direction;
+Mapping: `method` random/grid -> sampler random/grid, bayes -> Optuna's GP sampler, or TPE when the space
+has parts a GP models badly (`studies.studyfile.search.model_based_sampler`; a note says which and why);
+`metric` {name, goal} -> metric, direction;
 `parameters`: `value` or a one-element `values` -> fixed; `values` -> categorical (the exact values);
 `min`/`max` with `distribution` uniform -> float, int_uniform -> int, log_uniform_values -> float log,
 q_uniform -> float with step q, log_uniform (bounds are exponents: e^min..e^max) -> float log;
 `early_terminate` hyperband -> pruner hyperband; `run_cap` (else `count`, else the grid size) -> n_trials.
 Keys of the original sweep that had no effect (`studies.studyfile.spec.NO_EFFECT`) are dropped with a printed note
 naming each; launch settings (program, command, project, entity) are ignored with a note; anything else
-this cannot express (bayes, normal distributions, probabilities, nested parameters, unknown keys) is an error.
+this cannot express (normal distributions, probabilities, nested parameters, unknown keys) is an error.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Callable
 import yaml
 
 from pcvit.config import ConfigError, coerce, field_names
-from studies.studyfile.search import check_sampler_and_pruner
+from studies.studyfile.search import check_sampler_and_pruner, model_based_sampler
 from studies.studyfile.spec import METRICS, NO_EFFECT, StudyFileError, validate
 
 LAUNCH_KEYS = ("program", "command", "project", "entity")
@@ -42,9 +44,8 @@ def import_sweep(sweep: Any, source: str, n_trials: int | None = None,
         if key in sweep:
             note(f"ignored {key}: it says how W&B launches runs; pcvit-worker runs the trials")
     method = sweep.get("method")
-    if method not in ("random", "grid"):
-        raise fail("method", f"{method!r} cannot be expressed: use random or grid (bayes has no Optuna "
-                             "equivalent; write sampler: {type: tpe} by hand if you want model-based search)")
+    if method not in ("random", "grid", "bayes"):
+        raise fail("method", f"{method!r} is not a W&B sweep method (random, grid or bayes)")
     metric = sweep.get("metric")
     if not isinstance(metric, dict) or "name" not in metric:
         raise fail("metric", "needs {name: ..., goal: maximize|minimize}")
@@ -79,7 +80,7 @@ def import_sweep(sweep: Any, source: str, n_trials: int | None = None,
         "description": sweep.get("description") or f"imported from the W&B sweep {pathlib.Path(source).name}",
         "direction": goal,
         "metric": metric["name"],
-        "sampler": {"type": method},
+        "sampler": _sampler(method, space, note),
         "pruner": _pruner(sweep.get("early_terminate"), fail, note),
         "n_trials": _n_trials(sweep, space, method, n_trials, fail, note),
         "fixed": fixed,
@@ -89,13 +90,24 @@ def import_sweep(sweep: Any, source: str, n_trials: int | None = None,
     return document
 
 
+def _sampler(method: str, space: dict, note: Callable) -> dict[str, Any]:
+    if method != "bayes":
+        return {"type": method}
+    sampler, why = model_based_sampler(space)
+    note(f"method bayes -> sampler {sampler['type']}: {why}")
+    return sampler
+
+
 def _convert(name: str, entry: Any, key: str, fail: Callable, note: Callable) -> tuple[str, Any]:
     if not isinstance(entry, dict):
         raise fail(key, f"expected a mapping such as {{value: ...}} or {{values: [...]}}, got {entry!r}")
     keys, dist = set(entry), entry.get("distribution")
-    for bad in ("parameters", "probabilities", "mu", "sigma"):
+    for bad, why in (("parameters", "nested parameters have no Optuna counterpart (a study samples flat names)"),
+                     ("probabilities", "Optuna samples categorical choices with equal weight, not given ones"),
+                     ("mu", "Optuna samples uniform, log-uniform, stepped or categorical values, not normal ones"),
+                     ("sigma", "Optuna samples uniform, log-uniform, stepped or categorical values, not normal ones")):
         if bad in keys:
-            raise fail(f"{key}.{bad}", "cannot be expressed as an Optuna search space")
+            raise fail(f"{key}.{bad}", f"cannot be expressed: {why}")
     if "value" in keys and keys <= {"value", "distribution"} and dist in (None, "constant"):
         return "fixed", _typed(name, entry["value"], key, fail)
     if "values" in keys and keys <= {"values", "distribution"} and dist in (None, "categorical"):
