@@ -88,7 +88,7 @@ def test_int_range_and_grid_budget():
      "parameters.hidden_size.probabilities"),
     ({"parameters": {"peak_lr_hidden": {"min": 0.1, "max": 0.2, "distribution": "q_log_uniform_values"}}},
      "q_log_uniform_values"),
-    ({"parameters": {"reinitialize_model_for_each_epoch": {"value": True}}}, "only false is implemented"),
+    ({"parameters": {"early_stopping_metric": {"value": "val_loss"}}}, "must be one of train_mse, val_mse"),
     ({"early_terminate": {"type": "hyperband", "s": 2}}, "early_terminate.s"),
     ({"metric": {"name": "val_loss", "goal": "minimize"}}, "metric.name"),
     ({"controller": {"type": "local"}}, "controller: unknown W&B sweep key"),
