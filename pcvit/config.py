@@ -22,6 +22,7 @@ ENERGY_WEIGHTINGS = ("sum", "mean")
 PROBE_SOLVERS = ("adamw", "lbfgs")
 INFERENCE_VARIABLES = ("states", "errors")
 NODE_PRECISIONS = ("none", "dynamic")
+EARLY_STOPPING_METRICS = ("train_mse", "val_mse", "probe_accuracy")
 
 
 class ConfigError(ValueError):
@@ -35,7 +36,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Config:
     # --- model -------------------------------------------------------------------------------
-    num_blocks: int = 12  # L transformer blocks, so L+3 state nodes ("vodes")
+    num_blocks: int = 12  # L transformer blocks, so L+3 state nodes ("vodes"); 0: top latent -> patch node -> image
     hidden_size: int = 64  # H, width of every hidden state
     num_heads: int = 1  # attention heads; H must divide evenly
     mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * H
@@ -95,7 +96,8 @@ class Config:
     # --- schedule of the run -------------------------------------------------------------------
     epochs: int = 100  # also the lr horizon: epochs x batches per epoch
     use_early_stopping: bool = True
-    early_stopping_metric: str = "train_mse"  # the only metric the original stops on
+    early_stopping_metric: str = "train_mse"  # train_mse: checked every epoch; val_mse: at every validation (its
+    #   patience counts validations); probe_accuracy: never stops (the original has no branch for it)
     early_stopping_patience: int = 5
     early_stopping_min_delta: float = 0.001  # absolute
     validation_every_n_epochs: int = 25
@@ -124,11 +126,15 @@ class Config:
     use_status_init_in_training: bool = False  # every training batch starts from fresh states (else: carried over)
     use_status_init_in_unmasking: bool = False  # validation, reconstruction and probe batches start fresh too
 
-    # --- original switches kept for fidelity; only the original sweep's value is implemented ---
-    use_ssl_augmentations: bool = False
-    update_weights_every_inference_step: bool = False
-    use_adamw_for_hidden_optimizer: bool = False
-    reinitialize_model_for_each_epoch: bool = False
+    # --- more of the original's switches (false in its 12-block sweep), as its code behaves ---
+    use_ssl_augmentations: bool = False  # training batches: random resized crop, flip, colour jitter, grayscale,
+    #                                      blur, drawn per image on the device (pcvit/augment.py)
+    update_weights_every_inference_step: bool = False  # a weight step after every state step (T per batch), without
+    #   layer scaling or per-node norm of the state gradient, and the weight lr schedule counting weight steps
+    use_adamw_for_hidden_optimizer: bool = False  # AdamW (wd 1e-4) on the states of the probe's feature extraction
+    #   only: the original's training, validation and reconstruction overwrite it with SGD
+    reinitialize_model_for_each_epoch: bool = False  # every epoch starts from fresh states (STATUS.INIT: h0
+    #                                                  redrawn, every other state := its prediction); weights kept
 
     # --- how to compute (same maths) -----------------------------------------------------------
     implementation: str = "vjp"  # vjp: all blocks at once + hand-written state gradient (pcvit/energy_vjp.py);
@@ -154,7 +160,9 @@ class Config:
     def branch_scale(self) -> float:
         """The residual branch multiplier a for `residual_branch_scale`."""
         L = self.num_blocks
-        return {"1": 1.0, "1/sqrt(L)": 1.0 / math.sqrt(L), "1/L": 1.0 / L}[self.residual_branch_scale]
+        if L == 0 or self.residual_branch_scale == "1":  # no blocks: no branches to scale
+            return 1.0
+        return 1.0 / math.sqrt(L) if self.residual_branch_scale == "1/sqrt(L)" else 1.0 / L
 
     @property
     def grad_norm_target(self) -> float | None:
@@ -267,7 +275,9 @@ def _validate(c: Config) -> None:
         elif isinstance(default, str):
             need(isinstance(value, str), f.name, f"must be a string, got {value!r}")
 
-    for name in ("num_blocks", "hidden_size", "num_heads", "patch_size", "inference_steps", "eval_inference_steps",
+    need(c.num_blocks >= 0, "num_blocks",
+         f"must be >= 0 (0: the top latent and the patch node only), got {c.num_blocks}")
+    for name in ("hidden_size", "num_heads", "patch_size", "inference_steps", "eval_inference_steps",
                  "batch_size", "train_subset", "test_subset", "validation_subset", "epochs",
                  "linear_probe_epochs", "linear_probe_batch_size", "divergence_check_every"):
         need(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}")
@@ -316,8 +326,8 @@ def _validate(c: Config) -> None:
     need(c.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
     need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
          f"must be auto, cpu or cuda[:N], got {c.device!r}")
-    need(c.early_stopping_metric == "train_mse", "early_stopping_metric",
-         f"only 'train_mse' is implemented (the original sweep's value), got {c.early_stopping_metric!r}")
+    need(c.early_stopping_metric in EARLY_STOPPING_METRICS, "early_stopping_metric",
+         f"must be one of {', '.join(EARLY_STOPPING_METRICS)}, got {c.early_stopping_metric!r}")
     image_side = 28 if c.dataset == "fashion-mnist" else 32
     need(image_side % c.patch_size == 0, "patch_size",
          f"{c.patch_size} does not divide the {image_side}x{image_side} images of {c.dataset}")
@@ -326,7 +336,3 @@ def _validate(c: Config) -> None:
         need(0 <= i <= c.num_blocks + 1, "linear_probe_vode_indices",
              f"node {i} is out of range: probe nodes are 0..{c.num_blocks + 1} for {c.num_blocks} blocks "
              "(0 = top latent; the sensory node is the image itself)")
-    for name in ("use_ssl_augmentations", "update_weights_every_inference_step", "use_adamw_for_hidden_optimizer",
-                 "reinitialize_model_for_each_epoch"):
-        need(getattr(c, name) is False, name,
-             "only false is implemented (the value the original 12-block sweep ran with)")

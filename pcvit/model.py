@@ -154,7 +154,7 @@ class PCViT(nn.Module):
         with self._autocast():
             g = self.feed(hidden)
             u1 = self.project_top(h0)
-            if self.config.implementation == "plain":
+            if self.config.implementation == "plain" and self.config.num_blocks:
                 u_blocks = torch.stack([self.block_plain(l, g[l]) for l in range(self.config.num_blocks)])
             else:
                 u_blocks = self.blocks_parallel(g[:-1])

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .config import Config
 from .data import ImageData
-from .inference import States, init_states, layer_scales, settle_states
+from .inference import States, init_states, layer_scales, settle_states, settle_states_adamw
 from .model import PCViT
 
 
@@ -39,8 +39,12 @@ def extract_features(model: PCViT, states: States, images: Tensor, data: ImageDa
             start_states = init_states(model, len(x), config.use_noise, fresh)
         else:
             start_states = states.head(len(x))  # slot i starts from slot i; a partial batch uses the first slots
-        final = settle_states(model, x, start_states, config.probe_steps, lambda t: lr, config.hidden_momentum,
-                              config.h_grad_clip_norm, scales, grad_norm_target=config.grad_norm_target)
+        if config.use_adamw_for_hidden_optimizer:  # the one place where the original's AdamW switch acts
+            final = settle_states_adamw(model, x, start_states, config.probe_steps, lr, config.h_grad_clip_norm,
+                                        scales, grad_norm_target=config.grad_norm_target)
+        else:
+            final = settle_states(model, x, start_states, config.probe_steps, lambda t: lr, config.hidden_momentum,
+                                  config.h_grad_clip_norm, scales, grad_norm_target=config.grad_norm_target)
         nodes = final.as_list()
         features.append(torch.cat([nodes[i].mean(dim=1) for i in config.linear_probe_vode_indices], dim=1))
     return torch.cat(features)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from .augment import augment
 from .config import Config, ConfigError, resolve_precision
 from .data import ImageData, load_data
 from .diagnostics import NODE_LISTS, NodeDiagnostics
@@ -29,6 +30,7 @@ from .model import PCViT
 from .optim import hidden_lr, make_weight_optimizer, scale_and_clip_grads, set_lr, weight_lr
 from .probe import probe_accuracy
 
+AUGMENT_SEED_OFFSET = 7919  # the augmentations' generator: seeded from `seed`, a stream apart from the weights'
 MILESTONE_TRAIN_MSE = 0.0008  # the original's save_model_train_mse_threshold: first crossing triggers val + image
 
 
@@ -59,6 +61,9 @@ class Run:
         self.device = data.device
         self.precision = resolve_precision(config.precision, self.device.type)  # auto: tf32 on CUDA, as the original
         self.generator = torch.Generator().manual_seed(config.seed)  # weights, h0 noise, shuffling
+        self.augment_generator = None  # use_ssl_augmentations: every draw on the data's device
+        if config.use_ssl_augmentations:
+            self.augment_generator = torch.Generator(device=data.device).manual_seed(config.seed + AUGMENT_SEED_OFFSET)
         self.model = PCViT(config, data.channels, data.image_size, generator=self.generator).to(self.device)
         self.optim_w = make_weight_optimizer(self.model, config)
         self.states = init_states(self.model, config.batch_size, config.use_noise, self.generator)
@@ -115,29 +120,52 @@ class Run:
     def train_on_batch(self, x: Tensor, last_of_epoch: bool = True) -> tuple[Tensor, Tensor]:
         """Settle, one weight step, reconstruct. Returns (energy at the weight step, train MSE) as tensors.
 
+        With `update_weights_every_inference_step` (the original's "mode 1") a weight step follows every state
+        step instead: T per batch, the state gradient neither layer-scaled nor normalised per node (the original's
+        mode 1 skips both), and the weight lr schedule evaluated at the count of weight steps, which therefore
+        runs T times faster than the horizon it was built for (the original's optax schedule counts updates).
         With `node_diagnostics`, every batch adds its node energies, state sizes and top-latent movement;
         the last batch of an epoch also its dE/dh at the settled states (the backward then also reaches them)."""
         c = self.config
         start = self.start_states(len(x), c.use_status_init_in_training)
-        final = self.settle(x, start, c.train_steps, grad_norm_target=c.grad_norm_target)
-        if c.node_precision == "dynamic":  # (a resumed run starts its estimate afresh)
-            update_precision(self.model, x, final)
-        set_lr(self.optim_w, weight_lr(c, self.global_step, self.total_steps))
+        if c.update_weights_every_inference_step:
+            T = c.train_steps
+
+            def weight_step_before(t: int, states: States) -> None:  # the weight step after state step t - 1
+                if t > 0:
+                    self.weight_step(x, states, self.global_step * T + t - 1, False)
+
+            final = settle_states(self.model, x, start, T, self.hidden_lr_at, c.hidden_momentum, c.h_grad_clip_norm,
+                                  torch.ones_like(self.scales), before_step=weight_step_before)
+            energy, per_node, grads = self.weight_step(x, final, self.global_step * T + T - 1, last_of_epoch)
+        else:
+            final = self.settle(x, start, c.train_steps, grad_norm_target=c.grad_norm_target)
+            if c.node_precision == "dynamic":  # (a resumed run starts its estimate afresh)
+                update_precision(self.model, x, final)
+            energy, per_node, grads = self.weight_step(x, final, self.global_step, last_of_epoch)
+        self.global_step += 1
+        self.states = final
+        if c.node_diagnostics:
+            self.diagnostics.add(per_node, start, final, *grads)
+        return energy, clipped_mse(self.model.reconstruct(final.top), x)
+
+    def weight_step(self, x: Tensor, states: States, lr_step: int,
+                    state_grads: bool) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None]]:
+        """One AdamW step on the weights at `states`, the lr at schedule step `lr_step`. Returns the energy at the
+        step, its per-node energies and, when `state_grads` (diagnostics), dE/dh at the states."""
+        c = self.config
+        set_lr(self.optim_w, weight_lr(c, lr_step, self.total_steps))
         self.optim_w.zero_grad(set_to_none=True)
-        diagnose = c.node_diagnostics
-        top = final.top.detach().requires_grad_(diagnose and last_of_epoch)  # dE/dh at the settled states
-        hidden = final.hidden.detach().requires_grad_(diagnose and last_of_epoch)
+        want = c.node_diagnostics and state_grads
+        top = states.top.detach().requires_grad_(want)
+        hidden = states.hidden.detach().requires_grad_(want)
         with torch.enable_grad():
             per_node = self.model.node_energies(x, top, hidden)  # learning is local: each weight sees its node
             energy = self.model.total_energy(per_node)
             energy.backward()
         scale_and_clip_grads(list(self.model.parameters()), len(x), c.w_grad_clip_norm)
         self.optim_w.step()
-        self.global_step += 1
-        self.states = final
-        if diagnose:
-            self.diagnostics.add(per_node.detach(), start, final, top.grad, hidden.grad)
-        return energy.detach(), clipped_mse(self.model.reconstruct(final.top), x)
+        return energy.detach(), per_node.detach(), (top.grad, hidden.grad)
 
     # --- evaluation -------------------------------------------------------------------------------
     def settle_and_reconstruct(self, x: Tensor, slots: int, T: int) -> Tensor:
@@ -182,15 +210,17 @@ class Run:
         return save_reconstruction_grid(x[:n], x[:n], xhat[:n], self.out_dir / f"reconstruction_epoch{epoch:03d}.png")
 
     # --- early stopping -----------------------------------------------------------------------------
-    def early_stop(self, train_mse: float) -> bool:
-        """The original's rule: improvement iff mse < best - min_delta; the first epoch counts as none."""
+    def early_stop(self, value: float) -> bool:
+        """The original's rule: improvement iff value < best - min_delta; the first value counts as none.
+
+        Fed the epoch's train MSE (`early_stopping_metric: train_mse`) or each validation's MSE (`val_mse`)."""
         c = self.config
         if not c.use_early_stopping:
             return False
         if self.early_best is None:
-            self.early_best, self.early_counter = train_mse, 1
-        elif train_mse < self.early_best - c.early_stopping_min_delta:
-            self.early_best, self.early_counter = train_mse, 0
+            self.early_best, self.early_counter = value, 1
+        elif value < self.early_best - c.early_stopping_min_delta:
+            self.early_best, self.early_counter = value, 0
         else:
             self.early_counter += 1
         return self.early_counter >= c.early_stopping_patience
@@ -238,12 +268,16 @@ class Run:
         c, r = self.config, self.result
         epoch = self.epoch + 1  # 1-based, as the original logs it
         t0 = time.perf_counter()
+        if c.reinitialize_model_for_each_epoch:  # the original: a STATUS.INIT forward at every epoch's start
+            self.states = init_states(self.model, c.batch_size, c.use_noise, self.generator)
         order = torch.randperm(len(self.data.train_images), generator=self.generator).to(self.device)
         energy_sum = torch.zeros((), device=self.device)
         mse_sum = torch.zeros((), device=self.device)
         n_batches = 0
         for b in range(self.batches_per_epoch):
             x = self.data.normalise(self.data.train_images[order[b * c.batch_size:(b + 1) * c.batch_size]])
+            if self.augment_generator is not None:  # the original augments the normalised training batch only
+                x = augment(x, self.augment_generator)
             if self.interrupted:  # the partial epoch is dropped: epochs_run counts completed epochs
                 return self._stop_as_requested()
             energy, mse = self.train_on_batch(x, last_of_epoch=b == self.batches_per_epoch - 1)
@@ -272,7 +306,7 @@ class Run:
             self._stop(StopReason.DIVERGED, f"non-finite train energy/MSE or states in epoch {epoch}")
             return self._end_epoch(epoch, metrics, t0)
         r.best_train_mse = min(r.best_train_mse, train_mse)
-        if self.early_stop(train_mse):
+        if c.early_stopping_metric == "train_mse" and self.early_stop(train_mse):
             self._stop(StopReason.EARLY_STOPPED, f"train_mse did not improve by {c.early_stopping_min_delta} "
                                         f"for {c.early_stopping_patience} epochs")
             return self._end_epoch(epoch, metrics, t0)
@@ -282,6 +316,12 @@ class Run:
         if (c.validation_every_n_epochs and epoch % c.validation_every_n_epochs == 0) or last or milestone:
             metrics.update(self.validate())
             self.track_val_mse(metrics["val_mse"])
+            # the original stops here, before the probe and the image, when val_mse is its metric (a NaN is skipped)
+            if c.early_stopping_metric == "val_mse" and math.isfinite(metrics["val_mse"]) \
+                    and self.early_stop(metrics["val_mse"]):
+                self._stop(StopReason.EARLY_STOPPED, f"val_mse did not improve by {c.early_stopping_min_delta} "
+                                            f"for {c.early_stopping_patience} validations")
+                return self._end_epoch(epoch, metrics, t0)
         if c.linear_probe_every_n_epochs and epoch % c.linear_probe_every_n_epochs == 0:
             t_probe = time.perf_counter()
             fit = probe_accuracy(self.model, self.states, self.data, c)
@@ -333,6 +373,7 @@ class Run:
             "optim_w": self.optim_w.state_dict(),
             "states": {"top": cpu(self.states.top), "hidden": cpu(self.states.hidden)},
             "generator": self.generator.get_state(),
+            "augment_generator": None if self.augment_generator is None else self.augment_generator.get_state(),
             "early_stopping": {"best": self.early_best, "counter": self.early_counter},
             "milestone_reached": self.milestone_reached,
             "result": self.result.to_dict(),
@@ -349,6 +390,8 @@ class Run:
         self.optim_w.load_state_dict(ckpt["optim_w"])
         self.states = States(ckpt["states"]["top"].to(self.device), ckpt["states"]["hidden"].to(self.device))
         self.generator.set_state(ckpt["generator"])
+        if self.augment_generator is not None:
+            self.augment_generator.set_state(ckpt["augment_generator"])
         self.early_best, self.early_counter = ckpt["early_stopping"]["best"], ckpt["early_stopping"]["counter"]
         self.milestone_reached = ckpt["milestone_reached"]
         saved = ckpt["result"]

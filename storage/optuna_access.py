@@ -174,6 +174,11 @@ def set_system_attr(study: optuna.Study, trial: optuna.Trial | FrozenTrial, key:
     study._storage.set_trial_system_attr(trial._trial_id, key, value)
 
 
+def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
+    """The study's system attributes (Optuna keeps them private since 3.1)."""
+    return study._storage.get_study_system_attrs(study._study_id)
+
+
 def set_user_attr(study: optuna.Study, trial: optuna.Trial | FrozenTrial, key: str, value: Any) -> None:
     """Also for a FrozenTrial (which has no setter of its own); raises UpdateFinishedTrialError when finished."""
     study._storage.set_trial_user_attr(trial._trial_id, key, value)
@@ -252,11 +257,6 @@ def is_proxied(study: optuna.Study) -> bool:
 def record_attribute_beat(study: optuna.Study, trial_id_: int, key: str, count: int) -> None:
     """A heartbeat behind a proxy: the trial's system attribute `key` raised to `count`."""
     study._storage.set_trial_system_attr(trial_id_, key, count)
-
-
-def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
-    """The study's system attributes, read now (not from the Study object's cache)."""
-    return study._storage.get_study_system_attrs(study._study_id)
 
 
 def stale_trial_ids(study: optuna.Study) -> set[int]:

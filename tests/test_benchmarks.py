@@ -28,3 +28,11 @@ def test_bench_train_records_the_precision_it_ran(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["implementation"] for r in records] == ["plain", "vjp"]
     assert all(r["precision"] == "float32" and r["ms_per_batch"] > 0 for r in records)  # auto on a CPU
+
+
+def test_bench_augment_reports_the_cost_per_batch_of_both_shapes(tmp_path):
+    assert script("bench_augment").main(["--device", "cpu", "--batch", "8", "--config", "1/8/1/2", "--repeats", "2",
+                                         "--train-repeats", "1", "--out", str(tmp_path)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "augment.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in records] == [[8, 3, 32, 32], [8, 1, 28, 28]]
+    assert all(r["augment_ms_per_batch"] > 0 and 0 < r["augment_share"] < 1 for r in records)

@@ -79,7 +79,7 @@ def test_vjp_matches_autograd(residual, state_ln, regularised, heads, attention)
 
 
 @pytest.mark.parametrize("geometry", ["cifar", "fmnist"])
-@pytest.mark.parametrize("depth", [1, 2, 5])
+@pytest.mark.parametrize("depth", [0, 1, 2, 5])
 def test_vjp_matches_autograd_at_depth(depth, geometry):
     model, x, top, hidden = make_case(geometry=geometry, batch=3, seed=depth, num_blocks=depth, hidden_size=32,
                                       num_heads=4, use_vode_state_layernorm=True, intermediate_l1_coeff=1e-3,

@@ -43,7 +43,7 @@ def test_unpatchify_puts_channel_fastest_and_patchify_inverts_it():
 
 @pytest.mark.parametrize("changes", [
     {}, dict(residual="single"), dict(use_vode_state_layernorm=True), dict(num_heads=1, num_blocks=3),
-    dict(intermediate_l1_coeff=1e-3, intermediate_l2_coeff=2e-3),
+    dict(intermediate_l1_coeff=1e-3, intermediate_l2_coeff=2e-3), dict(num_blocks=0),
 ])
 def test_plain_and_parallel_predict_the_same(changes):
     plain = tiny_model(tiny_config(implementation="plain", **changes))

@@ -3,6 +3,7 @@ the per-trial record, artifacts, the study-wide budget, and Optuna's own CLI on 
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 import subprocess
@@ -288,3 +289,41 @@ def test_a_grid_study_runs_every_point_once_and_the_worker_ends_cleanly(tmp_path
     trials = load(url).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert sorted(t.params["hidden_momentum"] for t in trials) == [0.3, 0.4]
+
+
+@pytest.mark.slow
+def test_two_worker_processes_run_every_grid_point_exactly_once(tmp_path):
+    """Both workers shuffle the grid with the same seed: each grid id is one point everywhere,
+    so the 12 trial numbers the storage hands out are the 12 points, none twice (per-worker seeds repeat some)."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    space = {"hidden_momentum": {"type": "categorical", "choices": [0.3, 0.4, 0.5]},
+             "peak_lr_hidden": {"type": "categorical", "choices": [0.05, 0.1]},
+             "inference_steps": {"type": "categorical", "choices": [1, 2]}}
+    study_file = tiny_study(tmp_path, n_trials=12, sampler={"type": "grid"}, space=space,
+                            fixed={"epochs": 1, "linear_probe_epochs": 1})
+    done, trained = run_workers_to_the_end(url, study_file, tmp_path, workers=2, trials_each=12)
+    points = sorted(tuple(t.params[name] for name in space) for t in trained if t.state == TrialState.COMPLETE)
+    assert points == sorted(itertools.product(*(p["choices"] for p in space.values())))  # each once, none missing
+    assert len({t.user_attrs["worker"] for t in trained}) == 2  # both drew points
+    assert len({t.user_attrs["sampler_seed"] for t in trained}) == 2  # each worker its own seed, one grid order
+
+
+def test_a_gp_study_runs_its_modelled_trials_in_the_worker(tmp_path, monkeypatch):
+    """After its one start-up trial the GP sampler fits the finished trials: the worker's trials 2 and 3."""
+    modelled = []
+    sample_relative = optuna.samplers.GPSampler.sample_relative
+
+    def counted(self, study, trial, search_space):
+        params = sample_relative(self, study, trial, search_space)
+        modelled.append(trial.number) if params else None
+        return params
+
+    monkeypatch.setattr(optuna.samplers.GPSampler, "sample_relative", counted)
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_file = tiny_study(tmp_path, n_trials=3, sampler={"type": "gp", "n_startup_trials": 1},
+                            fixed={"epochs": 1})
+    assert run_main(url, study_file, tmp_path / "art") == 0
+    study = load(url)
+    assert modelled == [1, 2]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 3

@@ -223,7 +223,9 @@ def test_every_top_level_key_reads_as_an_attribute_of_the_spec():
     from studies.studyfile.spec import TOP_LEVEL
 
     spec = load_spec(REPO / "studies/pcvit-12block.yaml")
-    assert {key: getattr(spec, key) for key in TOP_LEVEL} == {key: spec.document.get(key) for key in TOP_LEVEL}
+    assert {key: getattr(spec, key) for key in spec.document} == spec.document
+    assert all(hasattr(spec, key) for key in TOP_LEVEL)  # the optional ones too (baseline, controls)
+    assert spec.controls is True and "controls" not in spec.document  # the default, left out of the document
     with pytest.raises(AttributeError):
         spec.n_trails  # noqa: B018 - a misspelt key is an error, not a silent None
 

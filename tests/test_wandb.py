@@ -80,7 +80,7 @@ def test_int_range_and_grid_budget():
 
 
 @pytest.mark.parametrize(("change", "words"), [
-    ({"method": "evolution"}, "method: 'evolution' cannot be expressed"),
+    ({"method": "hyperopt"}, "method: 'hyperopt' is not a W&B sweep method"),
     ({"parameters": {"dropout": {"value": 0.1}}}, "parameters.dropout: unknown parameter"),
     ({"parameters": {"peak_lr_hidden": {"distribution": "normal", "mu": 0.1, "sigma": 0.01}}},
      "parameters.peak_lr_hidden.mu"),
@@ -88,7 +88,7 @@ def test_int_range_and_grid_budget():
      "parameters.hidden_size.probabilities"),
     ({"parameters": {"peak_lr_hidden": {"min": 0.1, "max": 0.2, "distribution": "q_log_uniform_values"}}},
      "q_log_uniform_values"),
-    ({"parameters": {"reinitialize_model_for_each_epoch": {"value": True}}}, "only false is implemented"),
+    ({"parameters": {"early_stopping_metric": {"value": "val_loss"}}}, "must be one of train_mse, val_mse"),
     ({"early_terminate": {"type": "hyperband", "s": 2}}, "early_terminate.s"),
     ({"metric": {"name": "val_loss", "goal": "minimize"}}, "metric.name"),
     ({"controller": {"type": "local"}}, "controller: unknown W&B sweep key"),
@@ -102,15 +102,77 @@ def test_what_cannot_be_expressed_is_an_error(change, words):
     assert words in str(info.value)
 
 
-def test_bayes_becomes_a_gp_sampler_over_numbers_and_tpe_over_choices():
-    sweep = {"method": "bayes", "metric": {"name": "best_probe_accuracy", "goal": "maximize"}, "run_cap": 3,
-             "parameters": {"peak_lr_hidden": {"min": 0.01, "max": 0.1, "distribution": "log_uniform_values"},
-                            "inference_steps": {"min": 2, "max": 8}}}
+BAYES = {"method": "bayes", "metric": {"name": "best_probe_accuracy", "goal": "maximize"}, "run_cap": 20}
+
+
+def test_bayes_over_numeric_ranges_imports_as_the_gp_sampler_with_one_note_saying_why():
+    sweep = {**BAYES, "parameters": {
+        "peak_lr_hidden": {"distribution": "uniform", "min": 0.085, "max": 0.105},
+        "intermediate_l1_coeff": {"distribution": "log_uniform_values", "min": 5e-5, "max": 2e-4},
+        "h_grad_clip_norm": {"distribution": "q_uniform", "min": 1500, "max": 2500, "q": 500},
+        "seed": {"values": [10, 42]}}}
     study, notes = imported(sweep)
-    assert study["sampler"] == {"type": "gp"} and any("bayes -> sampler gp" in n for n in notes)
-    sweep["parameters"]["hidden_size"] = {"values": [64, 96]}
+    assert study["sampler"] == {"type": "gp"}
+    said = [n for n in notes if n.startswith("method bayes")]
+    assert len(said) == 1 and "sampler gp" in said[0] and "3 numeric range(s) and 1 categorical" in said[0]
+
+
+def test_bayes_over_mostly_categorical_choices_imports_as_tpe_with_the_reason():
+    sweep = {**BAYES, "parameters": {
+        "peak_lr_hidden": {"distribution": "uniform", "min": 0.085, "max": 0.105},
+        "hidden_size": {"values": [64, 96, 128]}, "num_heads": {"values": [1, 2]}}}
     study, notes = imported(sweep)
-    assert study["sampler"] == {"type": "tpe"} and any("categorical parameters (hidden_size)" in n for n in notes)
+    assert study["sampler"] == {"type": "tpe"}
+    said = [n for n in notes if n.startswith("method bayes")]
+    assert len(said) == 1 and "TPE, not GP" in said[0] and "hidden_size, num_heads" in said[0]
+
+
+def test_a_conditional_parameter_makes_the_model_based_choice_tpe():
+    from studies.studyfile.samplers import model_based_sampler
+
+    space = {"peak_lr_hidden": {"type": "float", "low": 0.05, "high": 0.1},
+             "intermediate_l1_coeff": {"type": "zero_or_log", "low": 1e-5, "high": 1e-2}}
+    sampler, why = model_based_sampler(space)
+    assert sampler == {"type": "tpe"} and "intermediate_l1_coeff exist only in some trials" in why
+    del space["intermediate_l1_coeff"]
+    assert model_based_sampler(space)[0] == {"type": "gp"}
+
+
+def test_a_bayes_sweep_with_a_parameter_no_sampler_can_model_is_refused_in_one_line_writing_nothing(
+        tmp_path, capsys):
+    sweep = tmp_path / "bayes.yaml"
+    sweep.write_text(yaml.safe_dump({**BAYES, "parameters": {
+        "peak_lr_hidden": {"distribution": "normal", "mu": 0.1, "sigma": 0.01}}}))
+    out = tmp_path / "study.yaml"
+    assert cli.main(["import-wandb", str(sweep), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "parameters.peak_lr_hidden.mu: cannot be expressed" in err[0] and "normal" in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["gp", "tpe"])
+def test_study_files_take_model_based_samplers_seeded_per_worker(kind, tmp_path):
+    import optuna
+
+    from studies.studyfile.spec import load_spec as load_study_file
+
+    spec = load_study_file(tiny_study(tmp_path, sampler={"type": kind, "n_startup_trials": 2}))
+    expected = {"gp": optuna.samplers.GPSampler, "tpe": optuna.samplers.TPESampler}[kind]
+
+    def first_draws(seed):
+        sampler = spec.make_sampler(seed)
+        assert isinstance(sampler, expected)
+        study = optuna.create_study(sampler=sampler)
+        study.optimize(lambda t: t.suggest_float("x", 0, 1) ** 2, n_trials=4)  # 2 at random, then modelled
+        return [t.params["x"] for t in study.trials]
+
+    assert first_draws(1) == first_draws(1) and first_draws(1) != first_draws(2)  # the worker's seed decides
+    bad = tiny_study(tmp_path, name="bad", sampler={"type": kind, "seed": 3})
+    with pytest.raises(StudyFileError, match="sampler.seed: not allowed"):
+        load_study_file(bad)
+    bad = tiny_study(tmp_path, name="bad", sampler={"type": kind, "n_ei_candidates": 3})
+    with pytest.raises(StudyFileError, match="sampler.n_ei_candidates: unknown key"):
+        load_study_file(bad)
 
 
 def test_hyperband_early_termination_becomes_the_pruner():

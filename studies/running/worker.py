@@ -3,6 +3,10 @@
 * Study: loaded, or created from the study file when absent (also after `optuna create-study`, which
   makes it without our attributes). The file's canonical content is stored as the study user attribute
   `study_spec` (and its text as `study_file`); a worker whose file differs refuses and prints the diff.
+* Grid: every worker shuffles the grid with the same seed (`studies.studyfile.samplers`). Optuna's GridSampler
+  gives trial number n the n-th point of its shuffled grid; with the order shared, the trial numbers the storage
+  hands out make every point run exactly once whatever the number of workers. Other samplers keep one seed per
+  worker (they must draw differently).
 * Budget, exact under concurrency: the first `n_trials` fresh trials by trial number are the budget
   (retries of a crashed trial are not fresh and do not count). A worker counts before it asks; if several
   asked at once, a trial whose number ranks beyond the budget is marked `pcvit:surplus`, failed at once

@@ -71,3 +71,28 @@ def build_problems(sampler: Mapping[str, Any], pruner: Mapping[str, Any], space:
         except (ValueError, TypeError) as exc:
             problems[key] = str(exc)
     return problems
+
+
+def model_based_sampler(space: dict[str, dict]) -> tuple[dict[str, Any], str]:
+    """The model-based sampler for `space` and why: Optuna's GP sampler (W&B's `bayes` is Gaussian-process
+    optimisation), unless the space has parts a GP models badly, then TPE.
+
+    A GP regresses the metric on the parameters as numbers. A parameter that exists only in some trials (the
+    value of a zero_or_log, absent when its flag says 0) is outside the space it fits: it would be drawn at
+    random. Categorical choices become unordered one-hot dimensions; when they are most of the space the GP
+    has little to regress on, while TPE models each choice's frequency among the good trials directly.
+    """
+    conditional = [name for name, p in space.items() if p["type"] == "zero_or_log"]
+    categorical = [name for name, p in space.items() if p["type"] == "categorical"]
+    numeric = len(space) - len(conditional) - len(categorical)
+    if conditional:
+        return {"type": "tpe"}, (f"TPE, not GP: {', '.join(conditional)} exist only in some trials (0 or "
+                                 "log-uniform), which Optuna's GP sampler cannot model")
+    if len(categorical) > numeric:
+        return {"type": "tpe"}, (f"TPE, not GP: {len(categorical)} of the {len(space)} sampled parameters are "
+                                 f"categorical ({', '.join(categorical)}), which a GP sees only as unordered "
+                                 "one-hot dimensions")
+    also = f" and {len(categorical)} categorical" if categorical else ""
+    return {"type": "gp"}, (f"GP (W&B's bayes is Gaussian-process optimisation): the space is {numeric} numeric "
+                            f"range(s){also}, which a GP models well")
+

@@ -44,8 +44,11 @@ PARAM_TYPES = {  # type -> {key: (kind, required)}
     # 0 or log-uniform: a categorical "<name>_is_zero" flag, then (if false) a log-uniform value in [low, high]
     "zero_or_log": {"low": ("number", True), "high": ("number", True)},
 }
-SAMPLERS = {"random": {}, "tpe": {"n_startup_trials": ("int", False)}, "grid": {},
-            "gp": {"n_startup_trials": ("int", False), "deterministic_objective": ("bool", False)}}
+SAMPLERS = {  # the model-based ones (tpe, gp) learn from finished trials once n_startup_trials have run
+    "random": {}, "grid": {},
+    "tpe": {"n_startup_trials": ("int", False), "multivariate": ("bool", False)},
+    "gp": {"n_startup_trials": ("int", False), "deterministic_objective": ("bool", False)},
+}
 _PATIENCE = {"patience": ("int", False), "min_delta": ("number", False)}  # wraps any pruner in PatientPruner
 PRUNERS = {
     "none": {},

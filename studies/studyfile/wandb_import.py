@@ -1,8 +1,8 @@
 """Turn a W&B sweep definition into a study file, losing nothing silently.
 
-Mapping: `method` random/grid -> sampler random/grid; `metric` {name, goal} -> metric, direction;
-`method` bayes -> sampler gp (W&B's bayes is a Gaussian process) when every sampled parameter is numeric, else
-tpe (a GP over categorical choices models little), with a printed note saying which and why;
+Mapping: `method` random/grid -> sampler random/grid, bayes -> Optuna's GP sampler, or TPE when the space
+has parts a GP models badly (`studies.studyfile.samplers.model_based_sampler`; a note says which and why);
+`metric` {name, goal} -> metric, direction;
 `parameters`: `value` or a one-element `values` -> fixed; `values` -> categorical (the exact values);
 `min`/`max` with `distribution` uniform -> float, int_uniform -> int, log_uniform_values -> float log,
 q_uniform -> float with step q, log_uniform (bounds are exponents: e^min..e^max) -> float log;
@@ -21,6 +21,7 @@ from typing import Any, Callable
 import yaml
 
 from pcvit.config import ConfigError, coerce, field_names
+from studies.studyfile.samplers import model_based_sampler
 from studies.studyfile.spec import METRICS, NO_EFFECT, StudyFileError, validate
 
 LAUNCH_KEYS = ("program", "command", "project", "entity")
@@ -44,7 +45,7 @@ def import_sweep(sweep: Any, source: str, n_trials: int | None = None,
             note(f"ignored {key}: it says how W&B launches runs; pcvit-worker runs the trials")
     method = sweep.get("method")
     if method not in ("random", "grid", "bayes"):
-        raise fail("method", f"{method!r} cannot be expressed: W&B's methods are random, grid and bayes")
+        raise fail("method", f"{method!r} is not a W&B sweep method (random, grid or bayes)")
     metric = sweep.get("metric")
     if not isinstance(metric, dict) or "name" not in metric:
         raise fail("metric", "needs {name: ..., goal: maximize|minimize}")
@@ -89,27 +90,24 @@ def import_sweep(sweep: Any, source: str, n_trials: int | None = None,
     return document
 
 
-def _sampler(method: str, space: dict[str, dict], note: Callable) -> dict[str, Any]:
-    """random and grid as they are; bayes as Optuna's GP sampler, or TPE when the space has categorical choices."""
+def _sampler(method: str, space: dict, note: Callable) -> dict[str, Any]:
     if method != "bayes":
         return {"type": method}
-    categorical = sorted(name for name, p in space.items() if p["type"] == "categorical")
-    if not categorical:
-        note("method bayes -> sampler gp: Optuna's Gaussian-process sampler, as W&B's bayes (every sampled "
-             "parameter is numeric)")
-        return {"type": "gp"}
-    note(f"method bayes -> sampler tpe: the space has categorical parameters ({', '.join(categorical)}), which "
-         "a Gaussian process models poorly; TPE models them directly")
-    return {"type": "tpe"}
+    sampler, why = model_based_sampler(space)
+    note(f"method bayes -> sampler {sampler['type']}: {why}")
+    return sampler
 
 
 def _convert(name: str, entry: Any, key: str, fail: Callable, note: Callable) -> tuple[str, Any]:
     if not isinstance(entry, dict):
         raise fail(key, f"expected a mapping such as {{value: ...}} or {{values: [...]}}, got {entry!r}")
     keys, dist = set(entry), entry.get("distribution")
-    for bad in ("parameters", "probabilities", "mu", "sigma"):
+    for bad, why in (("parameters", "nested parameters have no Optuna counterpart (a study samples flat names)"),
+                     ("probabilities", "Optuna samples categorical choices with equal weight, not given ones"),
+                     ("mu", "Optuna samples uniform, log-uniform, stepped or categorical values, not normal ones"),
+                     ("sigma", "Optuna samples uniform, log-uniform, stepped or categorical values, not normal ones")):
         if bad in keys:
-            raise fail(f"{key}.{bad}", "cannot be expressed as an Optuna search space")
+            raise fail(f"{key}.{bad}", f"cannot be expressed: {why}")
     if "value" in keys and keys <= {"value", "distribution"} and dist in (None, "constant"):
         return "fixed", _typed(name, entry["value"], key, fail)
     if "values" in keys and keys <= {"values", "distribution"} and dist in (None, "categorical"):
