@@ -7,6 +7,7 @@
     pcvit-study show-config --storage URL --study-name NAME 17 > trial17.yaml   # for pcvit-train --config
     pcvit-study replay --storage URL --study-name NAME 17 [pcvit-train args]   # re-run trial 17 exactly
     pcvit-study proxy --storage postgresql+psycopg2://... [--host 0.0.0.0] [--port 13000] [--connections 8]
+    pcvit-study slurm --storage URL --study-file FILE --tasks 8 --artifact-dir /shared/pcvit [--submit] [-- ARGS]
 
 Exit codes: 0 fine, 2 bad input (an invalid study file, a study or storage that does not exist, bad usage),
 with one line naming the file or argument; replay: pcvit-train's. `reap`, `report`, `show-config` and `replay`
@@ -109,7 +110,40 @@ def proxy(url: str, host: str, port: int, connections: int) -> int:
     return 0
 
 
+def slurm(args: argparse.Namespace, url: str, worker_args: list[str]) -> int:
+    """Write the sbatch script of a SLURM job array of workers; with --submit, submit it."""
+    from studies.running.slurm import ArraySpec, submit, write_script
+    from studies.running.worker_args import WorkerArgsError, check_worker_args
+
+    spec = ArraySpec(storage_url=url, artifact_dir=args.artifact_dir, tasks=args.tasks, study_name=args.study_name,
+                     study_file=args.study_file, gpus_per_task=args.gpus_per_task, time=args.time,
+                     partition=args.partition, signal_seconds=args.signal_seconds, job_name=args.job_name,
+                     worker_args=worker_args, sbatch_args=args.sbatch_arg)
+    spec.check()
+    try:
+        check_worker_args(["--storage", url, "--artifact-dir", args.artifact_dir, *worker_args,
+                           *(["--study-file", spec.study_file] if spec.study_file else []),
+                           *(["--study-name", spec.study_name] if spec.study_name else [])])
+    except WorkerArgsError as exc:
+        raise StudyFileError(f"worker arguments: {exc}") from None
+    path = write_script(spec, args.output or f"{args.job_name}.sbatch")
+    print(f"wrote {path}: an array of {spec.tasks} task(s), {max(spec.gpus_per_task, 1)} worker(s) each")
+    if args.submit:
+        print(f"submitted job array {submit(path)}")
+    else:
+        print(f"submit it with: sbatch {path}")
+    return 0
+
+
+def non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    worker_args: list[str] = []
+    if argv[:1] == ["slurm"] and "--" in argv:  # `pcvit-study slurm ... -- WORKER ARGS`
+        worker_args, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
     parser = argparse.ArgumentParser(prog="pcvit-study", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("validate", help="check a study file against the schema and the config")
@@ -143,6 +177,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=positive_int, default=13000, help="port to listen on (default 13000)")
     p.add_argument("--connections", type=positive_int, default=8,
                    help="database connections the proxy holds, and its request threads (default 8)")
+    p = commands.add_parser("slurm", help="write (and with --submit, submit) the sbatch script of a SLURM job "
+                                          "array of workers; worker arguments go after --")
+    p.add_argument("--storage", help=f"the storage every node reaches: PostgreSQL or grpc://HOST:PORT "
+                                     f"(default: ${storage.URL_ENV})")
+    p.add_argument("--study-name", help="the study (default: the study file's name)")
+    p.add_argument("--study-file", help="the study file (YAML); made absolute")
+    p.add_argument("--tasks", type=positive_int, required=True, help="array tasks (--array=0-(N-1))")
+    p.add_argument("--gpus-per-task", type=non_negative_int, default=1,
+                   help="GPUs per task, one worker each (default 1; 0: one CPU worker per task)")
+    p.add_argument("--artifact-dir", required=True,
+                   help="artifacts and checkpoints: an absolute path on a file system every node mounts")
+    p.add_argument("--time", help="the tasks' time limit (sbatch --time, e.g. 4:00:00)")
+    p.add_argument("--partition", help="the partition (sbatch --partition)")
+    p.add_argument("--signal-seconds", type=positive_int, default=120,
+                   help="warn the task this many seconds before its time limit (default 120): its workers stop "
+                        "after their current batch and the task is re-queued")
+    p.add_argument("--job-name", default="pcvit-study", help="the job's name (default pcvit-study)")
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="a further #SBATCH line, e.g. --sbatch-arg=--mem=32G (repeatable)")
+    p.add_argument("-o", "--output", help="the script to write (default: JOB_NAME.sbatch)")
+    p.add_argument("--submit", action="store_true", help="also submit it with sbatch")
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
@@ -158,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             return reap(url, args.study_name)
         if args.command == "proxy":
             return proxy(url, args.host, args.port, args.connections)
+        if args.command == "slurm":
+            return slurm(args, url, worker_args)
         return report(url, args.study_name, args.format, args.to_dashboard)
     except (StudyFileError, storage.StorageError) as exc:
         print(f"pcvit-study: error: {exc}", file=sys.stderr)
