@@ -47,11 +47,13 @@ from studies.results.curves import save_curves
 from studies.results.dashboard_notes import save_note, trial_note, update_study_note
 from studies.studyfile.samplers import new_sampler_seed
 from studies.studyfile.search import representative_params, suggest_config
+from studies.running.progress import EpochLine
 from studies.running.proxy_reaper import wait_for_proxy_reaper
 from studies.running.side_channels import Tolerant, best_effort
 from studies.studyfile.spec import METRICS, StudyFileError, StudySpec, load_spec
 from studies.running.stopping import SignalGuard, StopOnSignal, WorkerStopped
 from studies.running.worker import join_study, run_worker
+from studies.running.launch import EXIT_STORAGE_UNREACHABLE
 from studies.running.worker_args import parse_worker_args
 
 log = logging.getLogger("pcvit.objective")
@@ -77,12 +79,13 @@ def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: Che
     if result.stop_reason is StopReason.INTERRUPTED:  # a signal: the worker re-queues the trial
         raise WorkerStopped(guard.signum if guard and guard.signum else signal.SIGTERM)
     summary = record_result(trial, result)
-    if spec.controls and result.probe_accuracies and result.stop_reason is not StopReason.PRUNED:
+    value = measured_value(result, spec.metric)
+    if spec.controls and result.probe_accuracies and result.stop_reason is not StopReason.PRUNED \
+            and beats_the_best(trial.study, value):
         summary.update(record_controls(trial, config))
     _note_trial(trial, summary, result.history)
     if result.stop_reason is StopReason.PRUNED:
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
-    value = measured_value(result, spec.metric)
     if value is None:
         raise optuna.TrialPruned(f"diverged in epoch {result.divergence_epoch} before any {spec.metric}: "
                                  f"{result.stop_detail}")
@@ -102,7 +105,7 @@ def trial_config(trial: optuna.Trial, spec: StudySpec) -> Config:
 def trial_listeners(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
                     wandb_project: str | None, guard: SignalGuard | None) -> list[Listener]:
     """Optuna (reports, pruning, checkpoints, artifacts), the worker's stop signal, and W&B if asked for."""
-    listeners: list[Listener] = [OptunaListener(trial, spec, store, checkpoints)]
+    listeners: list[Listener] = [OptunaListener(trial, spec, store, checkpoints), EpochLine(trial.number)]
     if guard is not None:
         listeners.append(StopOnSignal(guard))
     if wandb_project:
@@ -155,10 +158,22 @@ def record_result(trial: optuna.Trial, result: RunResult) -> dict[str, Any]:
     return summary
 
 
+def beats_the_best(study: optuna.Study, value: float | None) -> bool:
+    """True when `value` would be the study's best so far (the first measured value is)."""
+    if value is None:
+        return False
+    try:
+        best = study.best_value
+    except ValueError:  # no completed trial yet
+        return True
+    return value > best if study.direction == optuna.study.StudyDirection.MAXIMIZE else value < best
+
+
 def record_controls(trial: optuna.Trial, config: Config) -> dict[str, Any]:
     """Probe the trial's controls (the same network untrained, a PCA of the pixels, raw patches) and store
     them as user attributes (`untrained_baseline`, `pca_baseline`, ...); the report sets the best trial beside
-    them. Turned off by `controls: false` in the study file."""
+    them. Only for a trial that beats the study's best so far (the best trial always has them; they cost about
+    one probe each time), and not with `controls: false` in the study file."""
     controls = best_effort(f"the controls of trial {trial.number}", probe_controls, load_data(config), config)
     if controls is None:
         return {}
@@ -280,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         elif not args.study_name:
             raise StudyFileError("give --study-name NAME or --study-file FILE")
         sampler_seed = new_sampler_seed()
-        db = storage.wait_for_storage(url, check_budget=True)
+        db = storage.wait_for_storage(url, check_budget=True, patience_s=storage.STARTUP_PATIENCE_S)
         db = retrying(db, patience_s=storage.STARTUP_PATIENCE_S)  # every storage call waits out an outage
         study, spec = join_study(db, url, args.study_name, spec, sampler_seed)
         if storage.is_proxy_url(url):  # behind a proxy, dead workers' trials are reaped by the proxy's process only
@@ -288,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.study_file:
             check_dataset(spec)
         db.patience_s = DB_PATIENCE_S  # joined: from now on a trial waits longer before it gives up
+    except (storage.StorageUnreachable, *storage.DB_UNREACHABLE) as exc:  # come back later: not bad input
+        print(f"pcvit-worker: storage unreachable: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_STORAGE_UNREACHABLE
     except (StudyFileError, storage.StorageError, DatasetError) as exc:
         print(f"pcvit-worker: error: {exc}", file=sys.stderr)
         return 2

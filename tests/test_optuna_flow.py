@@ -47,7 +47,7 @@ def test_worker_by_name_uses_the_study_file_stored_with_the_study(tmp_path, one_
 def test_a_packaged_study_needs_only_its_name():
     spec = resolve_spec(None, "smoke", "study 'smoke'")
     assert spec.name == "smoke" and spec.source == str(REPO / "studies" / "smoke.yaml")
-    with pytest.raises(StudyFileError, match="no packaged studies/nonesuch.yaml.*pass --study-file"):
+    with pytest.raises(StudyFileError, match="does not exist and no packaged studies/nonesuch.yaml"):
         resolve_spec(None, "nonesuch", "study 'nonesuch'")
 
 

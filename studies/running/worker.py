@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import time
 import traceback
 from typing import Any, Callable
 
@@ -43,6 +44,7 @@ from storage.locks import storage_lock
 from storage.optuna_access import (fail_if_running, optimize_loop, set_system_attr, set_user_attr, stored_trial,
                                    study_id, trial_id, use_heartbeats)
 from studies.running.owners import claim
+from studies.running.progress import trial_line
 from studies.running.reaper import Reaper
 from studies.running.retries import (fail_for_retry, is_retry, lineage, lineage_done, missing_retries,
                                      repair_missing_retries, requeue)
@@ -192,6 +194,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     import torch
 
     value, state, outcome, reason = None, TrialState.FAIL, "error", ""
+    started = time.monotonic()
     try:
         with reaper.beating(trial_id(trial)):  # from the start: a claim held up by an outage is not a death
             claim(study, trial)
@@ -242,6 +245,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
             return outcome  # finished otherwise (reaped): not ours to clean up
     if reason:
         log.warning("trial %d failed: %s", trial.number, reason)
+    log.info("%s", trial_line(study, trial.number, state, value, frozen.params, time.monotonic() - started,
+                              spec.n_trials, lambda t: not is_retry(t) and SURPLUS not in t.system_attrs))
     if checkpoints is not None:  # the result is stored: its checkpoints are no longer needed
         checkpoints.remove_lineage(lineage(study_id(study), frozen))
     return outcome

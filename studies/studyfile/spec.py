@@ -9,6 +9,7 @@ once with the file and key in the message instead of as 500 failed trials.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import math
@@ -78,7 +79,7 @@ TOP_LEVEL = {  # key -> (kind, default; None = required)
     "space": ("dict", None),
     "questions": ("list", []),  # [{question: text, params: [names]}] answered by `pcvit-study report`
     "baseline": ("dict", {}),  # {value: number, label: text}: the metric of a reference model, for the report
-    "controls": ("bool", True),  # probe each finished trial's controls (pcvit.controls): untrained, PCA, raw patches
+    "controls": ("bool", True),  # probe the controls (pcvit.controls) of each trial that beats the best so far
 }
 BASELINE = {"value": ("number", True), "label": ("str", True)}
 # Keys the original W&B sweep carried that did nothing in its runs: an error here, a noted drop on import.
@@ -218,8 +219,9 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
                                    "all workers sample the same trials)")
     doc["sampler"] = _check_typed(doc["sampler"], SAMPLERS, "sampler", fail)
     doc["pruner"] = _check_typed(doc["pruner"], PRUNERS, "pruner", fail)
-    for name in doc["fixed"]:
+    for name, value in doc["fixed"].items():
         _check_field(name, f"fixed.{name}", fail)
+        doc["fixed"][name] = _check_fixed_value(name, value, fail)
     space = {}
     for name, param in doc["space"].items():
         _check_field(name, f"space.{name}", fail)
@@ -246,7 +248,7 @@ def _check_keys(mapping: Any, schema: dict[str, tuple[str, bool]], where: str, f
         raise fail(where or "(top level)", f"must be a mapping, got {mapping!r}")
     for key in mapping:
         if key not in schema:
-            hint = f" ({NO_EFFECT[key]})" if key in NO_EFFECT else ""
+            hint = f" ({NO_EFFECT[key]})" if key in NO_EFFECT else did_you_mean(key, schema)
             raise fail(f"{prefix}{key}", f"unknown key{hint}; known: {', '.join(schema) or 'none'}")
     out = {}
     for key, (kind, required) in schema.items():
@@ -294,7 +296,30 @@ def _check_field(name: str, key: str, fail: Callable) -> None:
     if name in NO_EFFECT:
         raise fail(key, f"has no effect in the original sweep and is not a pcvit setting: {NO_EFFECT[name]}")
     if name not in field_names():
-        raise fail(key, "unknown parameter: not a pcvit config field (see pcvit/config.py)")
+        raise fail(key, f"unknown parameter{did_you_mean(name, field_names())}: not a pcvit config field "
+                        "(`pcvit-train --list-fields` lists them)")
+
+
+def did_you_mean(word: str, known: Any) -> str:
+    """` (did you mean 'x'?)` for the closest known name, or nothing when none is close."""
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_fixed_value(name: str, value: Any, fail: Callable) -> Any:
+    """A fixed value in its field's type: an integer field takes no text ("4" is refused, not guessed), a float
+    field also takes text YAML left unparsed (5e-4), a text field also a number (`residual_branch_scale: 1`)."""
+    kind = _field_kind(name)
+    wrong = (kind is int and (not isinstance(value, int) or isinstance(value, bool))
+             or kind is bool and not isinstance(value, bool)
+             or kind is float and (isinstance(value, bool) or not isinstance(value, (int, float, str))))
+    if wrong:
+        shown = {int: "an integer", bool: "true or false", float: "a number"}[kind]
+        raise fail(f"fixed.{name}", f"must be {shown}, got {value!r} ({type(value).__name__})")
+    try:
+        return list(coerced) if isinstance(coerced := coerce(name, value), tuple) else coerced
+    except ConfigError as exc:
+        raise fail(f"fixed.{name}", f"{exc} (got {value!r})") from None
 
 
 def _field_kind(name: str) -> type:

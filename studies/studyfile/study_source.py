@@ -11,7 +11,7 @@ import pathlib
 
 import optuna
 
-from studies.studyfile.spec import SPEC_ATTR, StudyFileError, StudySpec, load_spec, spec_from_document
+from studies.studyfile.spec import SPEC_ATTR, StudyFileError, StudySpec, did_you_mean, load_spec, spec_from_document
 
 PACKAGED = pathlib.Path(__file__).resolve().parents[1]  # studies/*.yaml ship with the package
 
@@ -33,5 +33,9 @@ def resolve_spec(study: optuna.Study | None, name: str | None, where: str) -> St
     if packaged is not None:
         return load_spec(packaged)
     shipped = ", ".join(sorted(p.stem for p in PACKAGED.glob("*.yaml")))
+    if study is None:
+        raise StudyFileError(f"{where} does not exist and no packaged studies/{name}.yaml is named so (packaged: "
+                             f"{shipped}{did_you_mean(name, shipped.split(', '))}): check the name, or create it with "
+                             "--study-file FILE")
     raise StudyFileError(f"{where} has no study file stored with it and no packaged studies/{name}.yaml exists "
                          f"(packaged: {shipped}): pass --study-file FILE, the study's YAML file")
