@@ -22,7 +22,7 @@ import storage
 from pcvit import Config, train
 from studies import cli
 from studies.results.replay import trial_config
-from studies.studyfile.spec import load_spec
+from studies.studyfile.spec import load_spec, stored_document
 from studies.running.worker import run_worker
 from tests.helpers import TINY_SPACE, run_workers_to_the_end, tiny_study, worker_env
 
@@ -51,7 +51,9 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
     assert run_main(url, study_file, art) == 0
     study = load(url)
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
-    assert study.user_attrs["study_spec"]["n_trials"] == 2 and "name: tiny" in study.user_attrs["study_file"]
+    document, text = stored_document(study)
+    assert document["n_trials"] == 2 and "name: tiny" in text
+    assert study.user_attrs["study_file"] == "tiny.yaml" and "study_spec" not in study.user_attrs  # short for the CLI
     assert study.metric_names == ["best_probe_accuracy"]  # the dashboard's axes say what they show
     study_note = get_note(study)
     assert "## Study tiny: maximize best_probe_accuracy" in study_note and "2 of 2 trials" in study_note

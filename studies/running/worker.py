@@ -1,8 +1,9 @@
 """The worker loop: join the study, pull trials until the study's budget is spent, never leave a zombie.
 
 * Study: loaded, or created from the study file when absent (also after `optuna create-study`, which
-  makes it without our attributes). The file's canonical content is stored as the study user attribute
-  `study_spec` (and its text as `study_file`); a worker whose file differs refuses and prints the diff.
+  makes it without our attributes). The file's canonical content is stored as the study attribute
+  `study_spec` (system attributes, with its text as `study_file`; the user attribute `study_file` names the
+  file); a worker whose file differs refuses and prints the diff.
 * Grid: every worker shuffles the grid with the same seed (`studies.studyfile.samplers`). Optuna's GridSampler
   gives trial number n the n-th point of its shuffled grid; with the order shared, the trial numbers the storage
   hands out make every point run exactly once whatever the number of workers. Other samplers keep one seed per
@@ -50,7 +51,8 @@ from studies.running.retries import (fail_for_retry, is_retry, lineage, lineage_
                                      repair_missing_retries, requeue)
 from studies.running.stopping import SignalGuard, WorkerStopped
 from studies.studyfile.study_source import resolve_spec
-from studies.studyfile.spec import SPEC_ATTR, StudyFileError, StudySpec, canonical, spec_diff, spec_from_document
+from studies.studyfile.spec import (StudyFileError, StudySpec, canonical, spec_diff, spec_from_document, store_document,
+                                    stored_document)
 
 log = logging.getLogger("pcvit.worker")
 SURPLUS = "pcvit:surplus"  # system attr of a trial created beyond the budget by a concurrent ask
@@ -84,13 +86,12 @@ def join_study(storage: Any, url: str, name: str | None, spec: StudySpec | None,
         raise StudyFileError(f"{spec.source}: direction: the file says {spec.direction} but {where} is to {stored} "
                              f"(create it with `optuna create-study --direction {spec.direction}`)")
     mine = canonical(spec.document)
-    stored_spec = study.user_attrs.get(SPEC_ATTR)
+    stored_spec, _ = stored_document(study)
     if stored_spec is None:
         with storage_lock(storage, f"join:{name}"):  # the first worker's file wins; the others compare with it
-            stored_spec = study.user_attrs.get(SPEC_ATTR)
+            stored_spec, _ = stored_document(study)
             if stored_spec is None:
-                study.set_user_attr("study_file", spec.text)
-                study.set_user_attr(SPEC_ATTR, mine)
+                store_document(study, spec)
                 stored_spec = mine
     if stored_spec != mine:
         lines = "\n  ".join(spec_diff(stored_spec, mine))
@@ -107,9 +108,10 @@ def open_existing_study(url: str, name: str) -> tuple[optuna.Study, StudySpec]:
         study = optuna.load_study(study_name=name, storage=storage.open_storage(url))
     except KeyError:
         raise StudyFileError(f"{where} does not exist") from None
-    if SPEC_ATTR not in study.user_attrs:
+    document, text = stored_document(study)
+    if document is None:
         raise StudyFileError(f"{where} has no stored study file: no pcvit-worker has joined it yet")
-    spec = spec_from_document(study.user_attrs[SPEC_ATTR], where, study.user_attrs.get("study_file", ""))
+    spec = spec_from_document(document, where, text)
     use_heartbeats(study, spec.heartbeat_interval, spec.grace_period)
     return study, spec
 

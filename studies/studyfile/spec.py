@@ -30,7 +30,8 @@ class StudyFileError(ValueError):
 
 
 # --- the schema, as data ---------------------------------------------------------------------------
-SPEC_ATTR = "study_spec"  # study user attr holding the validated study file
+SPEC_ATTR = "study_spec"  # study system attr holding the validated study file (user attr in older studies)
+TEXT_ATTR = "study_file"  # study system attr holding its text; the user attr of that name names the file
 
 METRICS = {  # metric -> the per-epoch value reported to Optuna for pruning
     "best_probe_accuracy": "probe_accuracy",
@@ -239,6 +240,27 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
     for key, problem in build_problems(doc["sampler"], doc["pruner"], space).items():
         raise fail(key, problem)
     return StudySpec(source, doc, text)
+
+
+# --- the study file stored with a study -----------------------------------------------------------------
+def stored_document(study: Any) -> tuple[dict[str, Any] | None, str]:
+    """The study file stored with `study`: (its canonical document or None, its text). Kept in the study's
+    system attributes, where `optuna studies` does not print them (studies stored before: user attributes)."""
+    from storage.optuna_access import study_system_attrs
+
+    attrs = study_system_attrs(study)
+    if SPEC_ATTR in attrs:
+        return attrs[SPEC_ATTR], attrs.get(TEXT_ATTR, "")
+    return study.user_attrs.get(SPEC_ATTR), study.user_attrs.get(TEXT_ATTR, "") if SPEC_ATTR in study.user_attrs else ""
+
+
+def store_document(study: Any, spec: "StudySpec") -> None:
+    """Store `spec` with `study` (system attributes), and its file's name as a short user attribute."""
+    from storage.optuna_access import set_study_system_attr
+
+    set_study_system_attr(study, TEXT_ATTR, spec.text)
+    set_study_system_attr(study, SPEC_ATTR, canonical(spec.document))
+    study.set_user_attr(TEXT_ATTR, pathlib.Path(spec.source).name)
 
 
 # --- pieces ----------------------------------------------------------------------------------------
