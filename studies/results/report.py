@@ -224,6 +224,7 @@ def study_summary(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
         "best_trial": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
                                                  "controls": controls_of(best)},
         "success": success_summary(trials, spec),
+        "focused_from": spec.focused_from,
         "targets_skipped": None if spec.fixed.get("dataset", Config.dataset) == TARGETS_DATASET
         else spec.fixed.get("dataset"),
         "compute": compute_summary(trials, spec.n_trials),
@@ -238,6 +239,10 @@ def render_markdown(s: dict[str, Any]) -> str:
              f"{s['trials']} of {s['budget']} trials: "
              + ", ".join(f"{n} {c}" for n, c in s["states"].items())
              + f"; diverged {s['diverged']} ({_pct(s['diverged'], s['trials'])})."]
+    if s.get("focused_from"):
+        origin = s["focused_from"]
+        lines.append(f"Focused from study {origin['study']!r}: its best trials {origin['trials']} drew the ranges "
+                     "and were run first.")
     if s.get("targets_skipped"):
         lines.append(f"The document's probe and MSE targets are for CIFAR-10; this study trains on "
                      f"{s['targets_skipped']}, so they are not judged here.")

@@ -80,9 +80,11 @@ TOP_LEVEL = {  # key -> (kind, default; None = required)
     "space": ("dict", None),
     "questions": ("list", []),  # [{question: text, params: [names]}] answered by `pcvit-study report`
     "baseline": ("dict", {}),  # {value: number, label: text}: the metric of a reference model, for the report
+    "focused_from": ("dict", {}),  # {study: name, trials: [numbers]}: written by `pcvit-study focus`
     "controls": ("bool", True),  # probe the controls (pcvit.controls) of each trial that beats the best so far
 }
 BASELINE = {"value": ("number", True), "label": ("str", True)}
+FOCUSED_FROM = {"study": ("str", True), "trials": ("list", True)}
 # Keys the original W&B sweep carried that did nothing in its runs: an error here, a noted drop on import.
 NO_EFFECT = {
     "corrupt_ratio": "acts only with use_corruption (off in the original sweep): masked-reconstruction images",
@@ -139,6 +141,10 @@ class StudySpec:
     @property
     def baseline(self) -> dict[str, Any] | None:  # optional: absent from studies stored before it existed
         return self.document.get("baseline")
+
+    @property
+    def focused_from(self) -> dict[str, Any] | None:  # optional: only in a study file `pcvit-study focus` wrote
+        return self.document.get("focused_from")
 
     @property
     def controls(self) -> bool:  # left out of the document when true (the default)
@@ -202,6 +208,10 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
         del doc["baseline"]
     if doc["controls"] is True:  # the default: left out for the same reason
         del doc["controls"]
+    if doc["focused_from"]:
+        doc["focused_from"] = _check_keys(doc["focused_from"], FOCUSED_FROM, "focused_from", fail)
+    else:
+        del doc["focused_from"]
     if doc["direction"] not in ("maximize", "minimize"):
         raise fail("direction", f"must be maximize or minimize, got {doc['direction']!r}")
     if doc["metric"] not in METRICS:
