@@ -40,7 +40,7 @@ import torch
 import storage
 from pcvit import Config, DatasetError, Listener, RunResult, StopReason, load_data, probe_controls, train
 from pcvit.listeners import significant
-from storage.optuna_access import DB_PATIENCE_S, retrying, stored_trial, study_id
+from storage.optuna_access import DB_PATIENCE_S, retrying, set_system_attr, stored_trial, study_id, trial_id
 from storage.checkpoints import CheckpointFiles
 from studies.running import retries
 from studies.results.curves import save_curves
@@ -59,7 +59,8 @@ from studies.running.worker_args import parse_worker_args
 log = logging.getLogger("pcvit.objective")
 RESULT_ATTRS = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run",
                 "stop_reason", "stop_detail", "diverged", "divergence_epoch", "wall_time_s", "device",
-                "implementation", "precision", "min_val_mse", "probe_converged", "node_diagnostics")
+                "implementation", "precision", "min_val_mse", "probe_converged")
+NODE_DIAGNOSTICS = "pcvit:node_diagnostics"  # trial system attr: per-node lists, too wide for the dashboard's table
 
 
 def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
@@ -83,7 +84,7 @@ def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: Che
     if spec.controls and result.probe_accuracies and result.stop_reason is not StopReason.PRUNED \
             and beats_the_best(trial.study, value):
         summary.update(record_controls(trial, config))
-    _note_trial(trial, summary, result.history)
+    _note_trial(trial, summary, result.history, listeners[0].pictures)
     if result.stop_reason is StopReason.PRUNED:
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
     if value is None:
@@ -154,7 +155,8 @@ def record_result(trial: optuna.Trial, result: RunResult) -> dict[str, Any]:
     if result.diverged:
         trial.set_user_attr("reason", result.stop_detail)
         trial.set_user_attr("epoch", result.divergence_epoch)
-    trial.set_user_attr("versions", package_versions())
+    set_system_attr(trial.study, trial, NODE_DIAGNOSTICS, summary["node_diagnostics"])  # per epoch: metrics.jsonl
+    trial.set_user_attr("versions", " · ".join(f"{k} {v}" for k, v in package_versions().items()))  # wraps
     return summary
 
 
@@ -189,10 +191,13 @@ def result_attrs(result: RunResult) -> dict[str, Any]:
             for key, value in result.to_dict().items()}
 
 
-def _note_trial(trial: optuna.Trial, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    """A few lines on the trial's page in optuna-dashboard: what happened (a convenience: failures only warn)."""
+def _note_trial(trial: optuna.Trial, summary: dict[str, Any], history: list[dict[str, Any]],
+                pictures: dict[str, str]) -> None:
+    """A few lines on the trial's page in optuna-dashboard: what happened, and its pictures at full size (the
+    artifact list shows thumbnails only); a convenience: failures only warn."""
     best_effort(f"the note of trial {trial.number}", save_note, trial,
-                trial_note(trial.number, {**summary, "history": history}, trial.user_attrs.get("resumed_after_epoch")))
+                trial_note(trial.number, {**summary, "history": history}, trial.user_attrs.get("resumed_after_epoch"),
+                           pictures))
 
 
 class OptunaListener(Listener):
@@ -206,6 +211,7 @@ class OptunaListener(Listener):
         self.reported = set(frozen.intermediate_values)  # a retry's earlier reports
         self.lineage = retries.lineage(study_id(trial.study), frozen)
         self.checkpoint = trial.user_attrs.get(retries.CHECKPOINT) or {}
+        self.pictures: dict[str, str] = {}  # file name -> the dashboard's URL of the uploaded image
 
     def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
         value = metrics.get(self.report_key)
@@ -252,8 +258,10 @@ class OptunaListener(Listener):
 
     def upload(self, path: Path) -> None:
         mimetype = {".png": "image/png", ".jsonl": "text/plain"}.get(path.suffix, "application/octet-stream")
-        best_effort(f"upload of {path.name}", optuna.artifacts.upload_artifact, artifact_store=self.store,
-                    file_path=str(path), study_or_trial=self.trial, mimetype=mimetype)
+        artifact = best_effort(f"upload of {path.name}", optuna.artifacts.upload_artifact, artifact_store=self.store,
+                               file_path=str(path), study_or_trial=self.trial, mimetype=mimetype)
+        if artifact is not None and path.suffix == ".png":  # shown full width in the trial's note
+            self.pictures[path.name] = f"/artifacts/{study_id(self.trial.study)}/{trial_id(self.trial)}/{artifact}"
 
 
 @functools.lru_cache(maxsize=1)
