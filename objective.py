@@ -68,7 +68,7 @@ def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: Che
     """Suggest a config, train it (a retry goes on from its checkpoint), report and prune, return the metric."""
     config = trial_config(trial, spec)
     resume = load_resume_point(trial, checkpoints)
-    listeners = trial_listeners(trial, spec, store, checkpoints, wandb_project, guard)  # report/prune, checkpoints, artifacts
+    listeners = trial_listeners(trial, spec, store, checkpoints, wandb_project, guard)  # reports, checkpoints, pictures
 
     with tempfile.TemporaryDirectory(prefix=f"pcvit-trial{trial.number}-") as out_dir:
         try:
@@ -221,7 +221,8 @@ class OptunaListener(Listener):
             if self.trial.should_prune():
                 run.request_stop(StopReason.PRUNED, f"the pruner stopped it after epoch {epoch}")
         every = self.spec.checkpoint_every_n_epochs
-        ongoing = run.stop_request is None and run.result.stop_reason is StopReason.COMPLETED and epoch < run.config.epochs
+        ongoing = (run.stop_request is None and run.result.stop_reason is StopReason.COMPLETED
+                   and epoch < run.config.epochs)
         if every and ongoing and epoch % every == 0:
             self.save_checkpoint(run.checkpoint(), epoch)
 

@@ -47,7 +47,8 @@ def shared_settings(args: argparse.Namespace) -> list[str]:
     return ["--dataset", "fashion-mnist", "--num-blocks", str(args.blocks), "--hidden-size", str(args.hidden),
             "--num-heads", str(heads), "--train-subset", str(args.train_subset), "--epochs", str(args.epochs),
             "--inference-steps", str(args.inference_steps), "--no-progress",
-            "--set", f"test_subset={args.test_subset}", "--set", f"validation_subset={args.test_subset}", "--set", "validation_every_n_epochs=0",
+            "--set", f"test_subset={args.test_subset}", "--set", f"validation_subset={args.test_subset}",
+            "--set", "validation_every_n_epochs=0",
             "--set", "reconstruction_every_n_epochs=0", "--set", "save_reconstruction_images=false",
             "--set", f"linear_probe_every_n_epochs={args.epochs}", "--set", "linear_probe_solver=lbfgs",
             "--set", "use_early_stopping=false"]

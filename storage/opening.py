@@ -69,7 +69,8 @@ def open_storage(
         options = {"pool_pre_ping": True}
     else:
         raise StorageError(f"{shown}: not a storage URL this runner knows; use sqlite:///PATH, "
-                           "journal:///PATH, postgresql+psycopg2://USER@HOST:PORT/DB or grpc://HOST:PORT (a storage proxy)")
+                           "journal:///PATH, postgresql+psycopg2://USER@HOST:PORT/DB or grpc://HOST:PORT "
+                           "(a storage proxy)")
     import sqlalchemy
 
     heartbeat = {}

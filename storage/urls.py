@@ -37,7 +37,8 @@ def check_url_form(url: str) -> None:
     if base in ("postgresql", "postgres") and scheme.lower() != "postgresql+psycopg2":
         fixed = "postgresql+psycopg2" + url[len(scheme):]
         raise StorageError(f"{mask_password(url)}: name the driver this runner installs: {mask_password(fixed)} "
-                           f"({scheme}:// would make SQLAlchemy load another PostgreSQL driver, which is not installed)")
+                           f"({scheme}:// would make SQLAlchemy load another PostgreSQL driver, which is not "
+                           "installed)")
 
 
 def is_journal(url: str) -> bool:
