@@ -3,6 +3,8 @@
 PyTorch only: no Optuna, W&B or database code lives here (the study runner sits on top).
 """
 
+import warnings
+
 from .config import Config, ConfigError
 from .data import DatasetError, ImageData, load_data
 from .inference import States, init_states, layer_scales, settle_states, state_grads
@@ -20,3 +22,6 @@ __all__ = [
     "patchify", "positional_encoding", "probe_accuracy", "probe_controls", "settle_states", "state_grads",
     "train", "unpatchify", "weight_lr",
 ]
+
+# `python -m pcvit.data` runs a module this package has already imported; runpy's warning about it is noise
+warnings.filterwarnings("ignore", message=r"'pcvit\.data' found in sys\.modules", category=RuntimeWarning)
