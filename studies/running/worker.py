@@ -31,6 +31,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -193,8 +194,6 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
               guard: SignalGuard, spec: StudySpec, reaper: Reaper, checkpoints: CheckpointFiles | None = None) -> str:
     """One trial, told to the storage whatever happens. Returns complete/pruned/interrupted/oom/error;
     an interrupted trial (a signal, the database out of reach) is failed and re-queued."""
-    import torch
-
     value, state, outcome, reason = None, TrialState.FAIL, "error", ""
     started = time.monotonic()
     try:
@@ -211,15 +210,18 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     except storage.DB_UNREACHABLE as exc:  # an outage longer than the storage's patience is not the trial's fault
         outcome, reason = "interrupted", f"database unreachable: {str(exc).splitlines()[0][:200]}"
         log.warning("trial %d: %s", trial.number, reason)
-    except torch.OutOfMemoryError as exc:
-        outcome, reason = "oom", f"CUDA out of memory: {str(exc).splitlines()[0]}"
     except Exception as exc:  # noqa: BLE001 - a failed trial is data; the worker goes on
-        reason = f"{type(exc).__name__}: {exc}"
-        log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+            outcome, reason = "oom", f"CUDA out of memory: {str(exc).splitlines()[0]}"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
     finally:
         guard.on_stop = None
         gc.collect()  # drop the dead trial's tensors before the next one allocates
-        if torch.cuda.is_available():
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
     frozen = stored_trial(study, trial)
     if outcome == "interrupted":
