@@ -13,7 +13,8 @@ Starts a PostgreSQL server of its own with `max_connections` (tests/pg.py), then
    out, so 40 of them fit in memory (a coordinating process does not load torch: about 65 MB each).
 Measured: wall time, trials per minute, the peak number of server connections (polled from pg_stat_activity every
 0.2 s), and the check that every trial of the budget is counted: COMPLETE == budget, nothing RUNNING or WAITING,
-no trial beyond the budget trained, no FAIL left without its retry.
+no FAIL left without its retry ("lost"); "surplus" trials are those several workers asked for at the same instant
+beyond the budget, failed at once without training and left out of every count (as by a direct worker).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def through_proxy(server, n_workers: int, trials: int, proxy_connections: int, s
     from optuna.trial import TrialState
 
     import storage
+    from studies.running.worker import SURPLUS
 
     database = f"many{n_workers}"
     url = server.new_database(database)
@@ -129,9 +131,13 @@ def through_proxy(server, n_workers: int, trials: int, proxy_connections: int, s
     done = optuna.load_study(study_name="many", storage=storage.open_storage(url)).get_trials()
     states = [t.state for t in done]
     complete = states.count(TrialState.COMPLETE)
+    retried = {n for t in done for n in t.system_attrs.get("retry_history", [])}
+    surplus = [t for t in done if t.system_attrs.get(SURPLUS)]  # asked at once beyond the budget: failed untrained
+    lost = [t for t in done if t.state == TrialState.FAIL and t.number not in retried and t not in surplus]
     return {"workers": n_workers, "exit codes": sorted(set(codes)), "complete": complete, "budget": trials,
             "running or waiting": sum(s in (TrialState.RUNNING, TrialState.WAITING) for s in states),
-            "failed": states.count(TrialState.FAIL), "peak connections": peak[0], "wall s": round(wall, 1),
+            "failed": f"{len(lost)} lost, {len(surplus)} surplus", "peak connections": peak[0],
+            "wall s": round(wall, 1),
             "trials/min": round(complete / wall * 60, 1), "logs": str(folder)}
 
 
