@@ -40,24 +40,27 @@ import torch
 import storage
 from pcvit import Config, DatasetError, Listener, RunResult, StopReason, load_data, probe_controls, train
 from pcvit.listeners import significant
-from storage.optuna_access import DB_PATIENCE_S, retrying, stored_trial, study_id
+from storage.optuna_access import DB_PATIENCE_S, retrying, set_system_attr, stored_trial, study_id, trial_id
 from storage.checkpoints import CheckpointFiles
 from studies.running import retries
 from studies.results.curves import save_curves
 from studies.results.dashboard_notes import save_note, trial_note, update_study_note
 from studies.studyfile.samplers import new_sampler_seed
 from studies.studyfile.search import representative_params, suggest_config
+from studies.running.progress import EpochLine
 from studies.running.proxy_reaper import wait_for_proxy_reaper
 from studies.running.side_channels import Tolerant, best_effort
 from studies.studyfile.spec import METRICS, StudyFileError, StudySpec, load_spec
 from studies.running.stopping import SignalGuard, StopOnSignal, WorkerStopped
 from studies.running.worker import join_study, run_worker
+from studies.running.launch import EXIT_STORAGE_UNREACHABLE
 from studies.running.worker_args import parse_worker_args
 
 log = logging.getLogger("pcvit.objective")
 RESULT_ATTRS = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run",
                 "stop_reason", "stop_detail", "diverged", "divergence_epoch", "wall_time_s", "device",
-                "implementation", "precision", "min_val_mse", "probe_converged", "node_diagnostics")
+                "implementation", "precision", "min_val_mse", "probe_converged")
+NODE_DIAGNOSTICS = "pcvit:node_diagnostics"  # trial system attr: per-node lists, too wide for the dashboard's table
 
 
 def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
@@ -65,7 +68,7 @@ def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: Che
     """Suggest a config, train it (a retry goes on from its checkpoint), report and prune, return the metric."""
     config = trial_config(trial, spec)
     resume = load_resume_point(trial, checkpoints)
-    listeners = trial_listeners(trial, spec, store, checkpoints, wandb_project, guard)  # report/prune, checkpoints, artifacts
+    listeners = trial_listeners(trial, spec, store, checkpoints, wandb_project, guard)  # reports, checkpoints, pictures
 
     with tempfile.TemporaryDirectory(prefix=f"pcvit-trial{trial.number}-") as out_dir:
         try:
@@ -77,12 +80,13 @@ def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: Che
     if result.stop_reason is StopReason.INTERRUPTED:  # a signal: the worker re-queues the trial
         raise WorkerStopped(guard.signum if guard and guard.signum else signal.SIGTERM)
     summary = record_result(trial, result)
-    if spec.controls and result.probe_accuracies and result.stop_reason is not StopReason.PRUNED:
+    value = measured_value(result, spec.metric)
+    if spec.controls and result.probe_accuracies and result.stop_reason is not StopReason.PRUNED \
+            and beats_the_best(trial.study, value):
         summary.update(record_controls(trial, config))
-    _note_trial(trial, summary, result.history)
+    _note_trial(trial, summary, result.history, listeners[0].pictures)
     if result.stop_reason is StopReason.PRUNED:
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
-    value = measured_value(result, spec.metric)
     if value is None:
         raise optuna.TrialPruned(f"diverged in epoch {result.divergence_epoch} before any {spec.metric}: "
                                  f"{result.stop_detail}")
@@ -102,7 +106,7 @@ def trial_config(trial: optuna.Trial, spec: StudySpec) -> Config:
 def trial_listeners(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
                     wandb_project: str | None, guard: SignalGuard | None) -> list[Listener]:
     """Optuna (reports, pruning, checkpoints, artifacts), the worker's stop signal, and W&B if asked for."""
-    listeners: list[Listener] = [OptunaListener(trial, spec, store, checkpoints)]
+    listeners: list[Listener] = [OptunaListener(trial, spec, store, checkpoints), EpochLine(trial.number)]
     if guard is not None:
         listeners.append(StopOnSignal(guard))
     if wandb_project:
@@ -151,14 +155,27 @@ def record_result(trial: optuna.Trial, result: RunResult) -> dict[str, Any]:
     if result.diverged:
         trial.set_user_attr("reason", result.stop_detail)
         trial.set_user_attr("epoch", result.divergence_epoch)
-    trial.set_user_attr("versions", package_versions())
+    set_system_attr(trial.study, trial, NODE_DIAGNOSTICS, summary["node_diagnostics"])  # per epoch: metrics.jsonl
+    trial.set_user_attr("versions", " · ".join(f"{k} {v}" for k, v in package_versions().items()))  # wraps
     return summary
+
+
+def beats_the_best(study: optuna.Study, value: float | None) -> bool:
+    """True when `value` would be the study's best so far (the first measured value is)."""
+    if value is None:
+        return False
+    try:
+        best = study.best_value
+    except ValueError:  # no completed trial yet
+        return True
+    return value > best if study.direction == optuna.study.StudyDirection.MAXIMIZE else value < best
 
 
 def record_controls(trial: optuna.Trial, config: Config) -> dict[str, Any]:
     """Probe the trial's controls (the same network untrained, a PCA of the pixels, raw patches) and store
     them as user attributes (`untrained_baseline`, `pca_baseline`, ...); the report sets the best trial beside
-    them. Turned off by `controls: false` in the study file."""
+    them. Only for a trial that beats the study's best so far (the best trial always has them; they cost about
+    one probe each time), and not with `controls: false` in the study file."""
     controls = best_effort(f"the controls of trial {trial.number}", probe_controls, load_data(config), config)
     if controls is None:
         return {}
@@ -174,10 +191,13 @@ def result_attrs(result: RunResult) -> dict[str, Any]:
             for key, value in result.to_dict().items()}
 
 
-def _note_trial(trial: optuna.Trial, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
-    """A few lines on the trial's page in optuna-dashboard: what happened (a convenience: failures only warn)."""
+def _note_trial(trial: optuna.Trial, summary: dict[str, Any], history: list[dict[str, Any]],
+                pictures: dict[str, str]) -> None:
+    """A few lines on the trial's page in optuna-dashboard: what happened, and its pictures at full size (the
+    artifact list shows thumbnails only); a convenience: failures only warn."""
     best_effort(f"the note of trial {trial.number}", save_note, trial,
-                trial_note(trial.number, {**summary, "history": history}, trial.user_attrs.get("resumed_after_epoch")))
+                trial_note(trial.number, {**summary, "history": history}, trial.user_attrs.get("resumed_after_epoch"),
+                           pictures))
 
 
 class OptunaListener(Listener):
@@ -191,6 +211,7 @@ class OptunaListener(Listener):
         self.reported = set(frozen.intermediate_values)  # a retry's earlier reports
         self.lineage = retries.lineage(study_id(trial.study), frozen)
         self.checkpoint = trial.user_attrs.get(retries.CHECKPOINT) or {}
+        self.pictures: dict[str, str] = {}  # file name -> the dashboard's URL of the uploaded image
 
     def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
         value = metrics.get(self.report_key)
@@ -200,7 +221,8 @@ class OptunaListener(Listener):
             if self.trial.should_prune():
                 run.request_stop(StopReason.PRUNED, f"the pruner stopped it after epoch {epoch}")
         every = self.spec.checkpoint_every_n_epochs
-        ongoing = run.stop_request is None and run.result.stop_reason is StopReason.COMPLETED and epoch < run.config.epochs
+        ongoing = (run.stop_request is None and run.result.stop_reason is StopReason.COMPLETED
+                   and epoch < run.config.epochs)
         if every and ongoing and epoch % every == 0:
             self.save_checkpoint(run.checkpoint(), epoch)
 
@@ -237,8 +259,10 @@ class OptunaListener(Listener):
 
     def upload(self, path: Path) -> None:
         mimetype = {".png": "image/png", ".jsonl": "text/plain"}.get(path.suffix, "application/octet-stream")
-        best_effort(f"upload of {path.name}", optuna.artifacts.upload_artifact, artifact_store=self.store,
-                    file_path=str(path), study_or_trial=self.trial, mimetype=mimetype)
+        artifact = best_effort(f"upload of {path.name}", optuna.artifacts.upload_artifact, artifact_store=self.store,
+                               file_path=str(path), study_or_trial=self.trial, mimetype=mimetype)
+        if artifact is not None and path.suffix == ".png":  # shown full width in the trial's note
+            self.pictures[path.name] = f"/artifacts/{study_id(self.trial.study)}/{trial_id(self.trial)}/{artifact}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -280,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         elif not args.study_name:
             raise StudyFileError("give --study-name NAME or --study-file FILE")
         sampler_seed = new_sampler_seed()
-        db = storage.wait_for_storage(url, check_budget=True)
+        db = storage.wait_for_storage(url, check_budget=True, patience_s=storage.STARTUP_PATIENCE_S)
         db = retrying(db, patience_s=storage.STARTUP_PATIENCE_S)  # every storage call waits out an outage
         study, spec = join_study(db, url, args.study_name, spec, sampler_seed)
         if storage.is_proxy_url(url):  # behind a proxy, dead workers' trials are reaped by the proxy's process only
@@ -288,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.study_file:
             check_dataset(spec)
         db.patience_s = DB_PATIENCE_S  # joined: from now on a trial waits longer before it gives up
+    except (storage.StorageUnreachable, *storage.DB_UNREACHABLE) as exc:  # come back later: not bad input
+        print(f"pcvit-worker: storage unreachable: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_STORAGE_UNREACHABLE
     except (StudyFileError, storage.StorageError, DatasetError) as exc:
         print(f"pcvit-worker: error: {exc}", file=sys.stderr)
         return 2

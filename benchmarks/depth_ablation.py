@@ -3,9 +3,11 @@
     python benchmarks/depth_ablation.py --blocks 12 --train-subset 2000 --epochs 3 --jobs 2 --out runs/ablation-12
 
 Every row is the same command (the shared settings below, converged L-BFGS probe on vode 0 averaged over patches,
-probed after the last epoch) plus the row's `--set` options; the first row also prints the raw-patch baseline of
-the same probe on the same images. Runs go in parallel, one thread each. The table gives probe accuracy, the
-baseline, final train MSE, validation MSE, whether the run diverged, and wall time.
+probed after the last epoch) plus the row's `--set` options, each with its controls (`--baseline`: the same
+network untrained, a PCA of the pixels to the probed size, raw patches; the same probe on the same images). Runs
+go in parallel, one thread each. The table gives probe accuracy beside the controls, final train MSE, validation
+MSE, whether the run diverged, and wall time. The feature levers (epc, precision, t_per_block, augment) are rows
+too: `--rows best,best+epc,best+precision,best+t_per_block,best+augment`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ ROWS = {
     "probe_T100": ["linear_probe_inference_steps=100"],
     "vgn10": ["use_vode_grad_norm=true", "vode_grad_norm_target=10"],
     "vgn50": ["use_vode_grad_norm=true", "vode_grad_norm_target=50"],
+    "epc": ["inference_variables=errors"],
+    "precision": ["node_precision=dynamic"],
+    "t_per_block": ["inference_steps_per_block=2"],
+    "augment": ["use_ssl_augmentations=true"],
     "best": ["use_status_init_in_training=true", "use_status_init_in_unmasking=true", "residual=single",
              "residual_branch_scale=1/L", "use_noise=false"],
 }
@@ -41,20 +47,20 @@ def shared_settings(args: argparse.Namespace) -> list[str]:
     return ["--dataset", "fashion-mnist", "--num-blocks", str(args.blocks), "--hidden-size", str(args.hidden),
             "--num-heads", str(heads), "--train-subset", str(args.train_subset), "--epochs", str(args.epochs),
             "--inference-steps", str(args.inference_steps), "--no-progress",
-            "--set", f"test_subset={args.test_subset}", "--set", f"validation_subset={args.test_subset}", "--set", "validation_every_n_epochs=0",
+            "--set", f"test_subset={args.test_subset}", "--set", f"validation_subset={args.test_subset}",
+            "--set", "validation_every_n_epochs=0",
             "--set", "reconstruction_every_n_epochs=0", "--set", "save_reconstruction_images=false",
             "--set", f"linear_probe_every_n_epochs={args.epochs}", "--set", "linear_probe_solver=lbfgs",
             "--set", "use_early_stopping=false"]
 
 
-def run_row(name: str, options: list[str], args: argparse.Namespace, baseline: bool) -> dict:
+def run_row(name: str, options: list[str], args: argparse.Namespace) -> dict:
     out = args.out / re.sub(r"[^A-Za-z0-9_-]+", "_", name)
     command = [sys.executable, "-m", "pcvit.cli", *shared_settings(args), "--out", str(out),
                "--summary-json", str(out / "summary.json")]
     for option in options:
         command += ["--set", option]
-    if baseline:
-        command.append("--baseline")
+    command.append("--baseline")  # the controls of every row: a lever changes the untrained network's inference too
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
@@ -68,7 +74,9 @@ def run_row(name: str, options: list[str], args: argparse.Namespace, baseline: b
     summary = json.loads((out / "summary.json").read_text())
     last = summary["history"][-1] if summary["history"] else {}
     return {"row": name, "options": " ".join(options) or "(none)", "probe": summary["best_probe_accuracy"],
-            "baseline": summary.get("raw_patch_baseline"), "train_mse": summary["final_train_mse"],
+            "baseline": summary.get("raw_patch_baseline"), "untrained": summary.get("untrained_baseline"),
+            "pca": summary.get("pca_baseline"), "pca_k": summary.get("pca_components"),
+            "train_mse": summary["final_train_mse"],
             "val_mse": last.get("val_mse"), "diverged": summary["diverged"], "wall_s": wall,
             "top_move_rms": last.get("top_move_rms"), "state_rms_top_block": (last.get("state_rms") or [None])[-1]}
 
@@ -99,20 +107,19 @@ def main(argv: list[str] | None = None) -> int:
                 options += ROWS[part]
         rows.append((name, options))
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda item: run_row(item[1][0], item[1][1], args, item[0] == 0), enumerate(rows)))
-    baseline = next((r["baseline"] for r in results if r.get("baseline") is not None), None)
+        results = list(pool.map(lambda item: run_row(item[0], item[1], args), rows))
     print(f"\n{args.blocks} blocks, H {args.hidden}, {args.train_subset} images, {args.test_subset} test images, "
-          f"{args.epochs} epochs, "
-          f"T {args.inference_steps}; raw-patch baseline {baseline}")
-    print("| row | probe | train MSE | val MSE | diverged | top-latent move | wall s |")
-    print("|---|---|---|---|---|---|---|")
+          f"{args.epochs} epochs, T {args.inference_steps}")
+    print("| row | probe | untrained | PCA | raw patches | train MSE | val MSE | diverged | top-latent move | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['row']} | {r['error']} | | | | | {r['wall_s']:.0f} |")
+            print(f"| {r['row']} | {r['error']} | | | | | | | | {r['wall_s']:.0f} |")
             continue
         fmt = lambda v, f: "-" if v is None or isinstance(v, str) else format(v, f)  # noqa: E731
-        print(f"| {r['row']} | {fmt(r['probe'], '.3f')} | {fmt(r['train_mse'], '.4f')} | {fmt(r['val_mse'], '.4f')} "
-              f"| {r['diverged']} | {fmt(r['top_move_rms'], '.3g')} | {r['wall_s']:.0f} |")
+        print(f"| {r['row']} | {fmt(r['probe'], '.3f')} | {fmt(r['untrained'], '.3f')} | "
+              f"{fmt(r['pca'], '.3f')} (k={r['pca_k']}) | {fmt(r['baseline'], '.3f')} | {fmt(r['train_mse'], '.4f')} "
+              f"| {fmt(r['val_mse'], '.4f')} | {r['diverged']} | {fmt(r['top_move_rms'], '.3g')} | {r['wall_s']:.0f} |")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

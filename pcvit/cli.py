@@ -70,9 +70,10 @@ class ConsoleListener(Listener):
         if metrics.get("probe_converged") is False and not self.warned_probe:
             self.warned_probe = True
             change = run.config.linear_probe_converged_change
-            print(f"warning: the probe's head was still learning after {metrics['probe_steps']} steps (over the last tenth "
-                  f"its loss moved by more than {change:g} of where it started): its accuracy understates the features. Raise "
-                  "linear_probe_epochs or set linear_probe_solver=lbfgs.", file=self.stream, flush=True)
+            print(f"warning: the probe's head was still learning after {metrics['probe_steps']} steps (over the "
+                  f"last tenth its loss moved by more than {change:g} of where it started): its accuracy understates "
+                  "the features. Raise linear_probe_epochs or set linear_probe_solver=lbfgs.", file=self.stream,
+                  flush=True)
         if self.diagnostics and "node_energy" in metrics:
             print(format_table(metrics, run.config.num_blocks), file=self.stream, flush=True)
 

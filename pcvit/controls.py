@@ -106,7 +106,15 @@ def pca_features(data: ImageData, train_images: Tensor, test_images: Tensor, k: 
     """Both sets projected on the top-`k` principal axes of the training pixels (centred with their mean)."""
     train, test = pixels(data, train_images).double(), pixels(data, test_images).double()
     mean = train.mean(dim=0)
-    covariance = (train - mean).T @ (train - mean) / max(1, len(train) - 1)
-    _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
-    axes = vectors[:, -min(k, vectors.shape[1]):]
+    axes = principal_axes(train - mean, k)
     return ((train - mean) @ axes).float(), ((test - mean) @ axes).float()
+
+
+def principal_axes(centred: Tensor, k: int) -> Tensor:
+    """(d, k) unit axes of the `k` largest variances of the rows of `centred` (n, d), smallest first, through
+    whichever of the d x d covariance and the n x n Gram matrix is smaller (the same axes)."""
+    k = min(k, *centred.shape)
+    if len(centred) >= centred.shape[1]:
+        return torch.linalg.eigh(centred.T @ centred)[1][:, -k:]  # ascending eigenvalues
+    values, vectors = torch.linalg.eigh(centred @ centred.T)
+    return centred.T @ vectors[:, -k:] / values[-k:].clamp_min(1e-12).sqrt()

@@ -188,9 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pcvit.data", description=main.__doc__)
     p.add_argument("folder", nargs="?", default=CIFAR10_DIR, help=f"where to put it (default {CIFAR10_DIR})")
     args = p.parse_args(argv)
+    folder = Path(args.folder)
+    existed = folder.exists()
     try:
-        train_x, _, test_x, _ = _read_cifar10(Path(args.folder), download=True)
+        train_x, _, test_x, _ = _read_cifar10(folder, download=True)
     except (OSError, DatasetError, RuntimeError) as exc:  # URLError is an OSError; torchvision raises RuntimeError
+        if not existed:  # a failed download leaves nothing behind (torchvision made the folder, maybe a partial file)
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
         reason = getattr(exc, "reason", None) or exc
         print(f"python -m pcvit.data: error: cannot download CIFAR-10 into {args.folder}: {reason} (no network? "
               "copy torchvision's 'cifar-10-batches-py' folder there instead)", file=sys.stderr)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 COLUMNS = ("original", "input", "reconstruction")
-TARGET_PANEL = 192  # pixels: a 32x32 image becomes 192x192, a 28x28 one 168x168
+TARGET_PANEL = 320  # pixels: a 32x32 image becomes 320x320, a 28x28 one 308x308 (a 2-column grid: over 600 px)
 LABEL_HEIGHT = 28  # pixels above the panels for the column labels
 PAD = 8  # pixels around each panel
 

@@ -24,6 +24,7 @@ from storage.urls import DEFAULT_URL, URL_ENV, is_journal, journal_path, local_f
 
 __all__ = [
     "ARTIFACT_DIR_ENV", "DB_PATIENCE_S", "DB_UNREACHABLE", "DEFAULT_ARTIFACT_DIR", "DEFAULT_URL", "STARTUP_PATIENCE_S",
-    "StorageError", "StorageUnreachable", "URL_ENV", "artifact_folder", "artifact_store", "is_journal", "is_proxy_url", "journal_path",
-    "local_file", "mask_password", "open_storage", "require_existing", "resolve_url", "wait_for_storage",
+    "StorageError", "StorageUnreachable", "URL_ENV", "artifact_folder", "artifact_store", "is_journal", "is_proxy_url",
+    "journal_path", "local_file", "mask_password", "open_storage", "require_existing", "resolve_url",
+    "wait_for_storage",
 ]

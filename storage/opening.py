@@ -17,7 +17,7 @@ from storage.locks import LOCK_SUFFIX, file_lock
 from storage.postgres import (StorageError, StorageUnreachable, check_connection_budget, engine_kwargs, is_postgres_url,
                               mask_password, storage_error)
 from storage.proxy import is_proxy_url, open_proxy
-from storage.urls import SQLITE_SUFFIXES, is_journal, journal_path, need_folder
+from storage.urls import SQLITE_SUFFIXES, check_url_form, is_journal, journal_path, need_folder
 
 log = logging.getLogger("pcvit.storage")
 SCHEMA_RACE_ATTEMPTS = 5
@@ -41,6 +41,7 @@ def open_storage(
     proxy has no heartbeat table: a worker beats through a trial attribute (studies.running.reaper).
     """
     shown = mask_password(url)
+    check_url_form(url)
     if is_proxy_url(url):
         return open_proxy(url)
     if is_journal(url):
@@ -68,7 +69,8 @@ def open_storage(
         options = {"pool_pre_ping": True}
     else:
         raise StorageError(f"{shown}: not a storage URL this runner knows; use sqlite:///PATH, "
-                           "journal:///PATH, postgresql+psycopg2://USER@HOST:PORT/DB or grpc://HOST:PORT (a storage proxy)")
+                           "journal:///PATH, postgresql+psycopg2://USER@HOST:PORT/DB or grpc://HOST:PORT "
+                           "(a storage proxy)")
     import sqlalchemy
 
     heartbeat = {}

@@ -174,6 +174,10 @@ def set_system_attr(study: optuna.Study, trial: optuna.Trial | FrozenTrial, key:
     study._storage.set_trial_system_attr(trial._trial_id, key, value)
 
 
+def set_study_system_attr(study: optuna.Study, key: str, value: Any) -> None:
+    study._storage.set_study_system_attr(study._study_id, key, value)
+
+
 def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
     """The study's system attributes (Optuna keeps them private since 3.1)."""
     return study._storage.get_study_system_attrs(study._study_id)

@@ -19,6 +19,28 @@ def resolve_url(url: str | None = None) -> str:
     return url or os.environ.get(URL_ENV) or DEFAULT_URL
 
 
+KNOWN_SCHEMES = ("sqlite", "journal", "postgresql", "postgres", "grpc", "mysql")
+
+
+def check_url_form(url: str) -> None:
+    """Refuse (StorageError, one line with the right form) the URL mistakes that would otherwise be read as
+    something else: a known scheme without `://` (read as a journal file named after it) and a PostgreSQL URL
+    without the driver this runner installs (SQLAlchemy would pick another one, which is not installed)."""
+    scheme, colon, rest = url.partition(":")
+    base = scheme.split("+", 1)[0].lower()
+    if colon and base in KNOWN_SCHEMES and not rest.startswith("//"):
+        path = rest.lstrip("/")
+        right = {"sqlite": f"sqlite:///{path} (relative) or sqlite:////{path} (absolute)",
+                 "journal": f"journal:///{path} (relative) or journal:////{path} (absolute)",
+                 "grpc": "grpc://HOST:PORT"}.get(base, f"{base}+psycopg2://USER@HOST:PORT/DB")
+        raise StorageError(f"{mask_password(url)}: malformed storage URL: {scheme}: needs //; did you mean {right}?")
+    if base in ("postgresql", "postgres") and scheme.lower() != "postgresql+psycopg2":
+        fixed = "postgresql+psycopg2" + url[len(scheme):]
+        raise StorageError(f"{mask_password(url)}: name the driver this runner installs: {mask_password(fixed)} "
+                           f"({scheme}:// would make SQLAlchemy load another PostgreSQL driver, which is not "
+                           "installed)")
+
+
 def is_journal(url: str) -> bool:
     """`journal:///PATH`, or a plain file path (no scheme), which is how Optuna's CLI names a journal file."""
     return url.startswith("journal://") or "://" not in url
@@ -40,6 +62,7 @@ def local_file(url: str) -> pathlib.Path | None:
 
 def require_existing(url: str) -> None:
     """For commands that only read: refuse (StorageError) a storage file that does not exist, instead of creating it."""
+    check_url_form(url)
     path = local_file(url)
     if path is not None and str(path) and not path.is_file():
         raise StorageError(f"{mask_password(url)}: no such storage file {path} (this command only reads, so it "

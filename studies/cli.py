@@ -6,6 +6,7 @@
     pcvit-study report --storage URL --study-name NAME [--format markdown|json] [--to-dashboard]
     pcvit-study show-config --storage URL --study-name NAME 17 > trial17.yaml   # for pcvit-train --config
     pcvit-study replay --storage URL --study-name NAME 17 [pcvit-train args]   # re-run trial 17 exactly
+    pcvit-study focus --storage URL --study-name NAME --n-trials 100 -o FILE [--into NEW]   # the follow-up study
     pcvit-study proxy --storage postgresql+psycopg2://... [--host 0.0.0.0] [--port 13000] [--connections 8]
     pcvit-study slurm --storage URL --study-file FILE --tasks 8 --artifact-dir /shared/pcvit [--submit] [-- ARGS]
 
@@ -83,6 +84,31 @@ def replay(url: str, name: str, number: int, train_args: list[str]) -> int:
     from studies.results.replay import replay as replay_trial
 
     return replay_trial(url, name, number, train_args)
+
+
+def focus(url: str, name: str, n_trials: int, out: str, into: str | None) -> int:
+    """Write the narrowed follow-up study file; with `into`, create that study and enqueue the best trials."""
+    import optuna
+
+    from studies.results.focus import dump, enqueue_best, focus_document
+    from studies.running.worker import join_study, open_existing_study
+    from studies.studyfile.spec import spec_from_document
+
+    study, spec = open_existing_study(url, name)
+    document, best = focus_document(study, spec, n_trials, into or f"{name}-focus")
+    db = storage.open_storage(url) if into is not None else None
+    if into is not None and into in optuna.get_all_study_names(db):
+        raise StudyFileError(f"study {into!r} exists already in {storage.mask_password(url)}; pick a new name")
+    with open(out, "w") as f:
+        f.write(dump(document))
+    print(f"wrote {out}: {len(document['space'])} parameters searched, {len(document['fixed'])} fixed, sampler "
+          f"{document['sampler']['type']}, {n_trials} trials, from the best trials {[t.number for t in best]}")
+    if into is not None:
+        focused = spec_from_document(document, out, dump(document))
+        new_study, _ = join_study(db, url, into, focused, sampler_seed=0)
+        print(f"created study {into!r} and enqueued {enqueue_best(new_study, focused, best)} trials; run it with "
+              f"pcvit-worker --storage URL --study-name {into}")
+    return 0
 
 
 def proxy(url: str, host: str, port: int, connections: int) -> int:
@@ -170,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("number", type=int, help="the trial's number")
         if name == "replay":
             p.add_argument("train_args", nargs=argparse.REMAINDER, help="pcvit-train arguments, e.g. --out DIR")
+    p = commands.add_parser("focus", help="write a narrowed follow-up study file around the best trials")
+    p.add_argument("--storage", help=f"storage URL (default: ${storage.URL_ENV} or {storage.DEFAULT_URL})")
+    p.add_argument("--study-name", required=True)
+    p.add_argument("--n-trials", type=positive_int, required=True, help="the follow-up's budget")
+    p.add_argument("-o", "--output", required=True, help="the study file to write")
+    p.add_argument("--into", help="also create this study in the same storage and enqueue the best trials")
     p = commands.add_parser("proxy", help="serve a PostgreSQL storage to many workers at grpc://HOST:PORT "
                                           "(Optuna's gRPC proxy, with the reaper beside it)")
     p.add_argument("--storage", help=f"the PostgreSQL URL (default: ${storage.URL_ENV})")
@@ -211,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             return replay(url, args.study_name, args.number, args.train_args)
         if args.command == "reap":
             return reap(url, args.study_name)
+        if args.command == "focus":
+            return focus(url, args.study_name, args.n_trials, args.output, args.into)
         if args.command == "proxy":
             return proxy(url, args.host, args.port, args.connections)
         if args.command == "slurm":

@@ -9,7 +9,7 @@ import torch
 
 from pcvit import Run, load_data
 from pcvit.cli import main
-from pcvit.controls import pca_features, probe_controls, probed_width, untrained_network
+from pcvit.controls import pca_features, principal_axes, probe_controls, probed_width, untrained_network
 from pcvit.probe import probe_accuracy
 from tests.helpers import tiny_config, tiny_config_file
 
@@ -38,6 +38,15 @@ def test_pca_keeps_the_directions_of_largest_variance_of_the_training_pixels():
     top = (singular[:5] ** 2 / (len(pixels) - 1)).flip(0)  # ascending, as the axes are ordered
     assert torch.allclose(train.double().var(dim=0), top, rtol=1e-3)
     assert torch.allclose(train.mean(dim=0), torch.zeros(5), atol=1e-4)  # centred with the training mean
+
+
+@pytest.mark.parametrize("n, d", [(60, 20), (20, 60)])
+def test_both_ways_to_the_principal_axes_agree_with_the_singular_values(n, d):
+    centred = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * torch.arange(1, d + 1)
+    centred -= centred.mean(dim=0)
+    axes = principal_axes(centred, 5)
+    assert torch.allclose(axes.T @ axes, torch.eye(5, dtype=torch.float64), atol=1e-8)  # orthonormal
+    assert torch.allclose((centred @ axes).square().sum(dim=0), torch.linalg.svdvals(centred)[:5].square().flip(0))
 
 
 def test_unknown_controls_are_refused_by_name():

@@ -68,6 +68,18 @@ def test_download_without_a_network_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"python -m pcvit.data: error: cannot download CIFAR-10 into {tmp_path / 'cifar'}: ")
     assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "cifar").exists()  # nothing left behind
+
+
+def test_the_download_command_prints_no_stray_warning(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    done = subprocess.run([sys.executable, "-W", "default", "-m", "pcvit.data", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr
 
 
 def test_subset_larger_than_the_dataset_is_a_clear_error(tmp_path):

@@ -32,6 +32,11 @@ print("env", json.dumps({"gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "args": 
 if os.environ.get("CUDA_VISIBLE_DEVICES") == opts.get("--fail-on-gpu"):
     time.sleep(float(opts.get("--fail-after", "0")))
     sys.exit(int(opts.get("--fail-code", "3")))
+if "--tempfail-times" in opts:  # exit 75 (storage unreachable) that many times, counted in a file
+    count = int(open(opts["--counter"]).read()) if os.path.exists(opts["--counter"]) else 0
+    open(opts["--counter"], "w").write(str(count + 1))
+    if count < int(opts["--tempfail-times"]):
+        sys.exit(75)
 if "--crash-once" in opts and not os.path.exists(opts["--crash-once"] + os.environ["CUDA_VISIBLE_DEVICES"]):
     open(opts["--crash-once"] + os.environ["CUDA_VISIBLE_DEVICES"], "w").close()
     os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
@@ -140,6 +145,27 @@ def test_a_crashing_worker_is_restarted_at_most_max_restarts_times(tmp_path, fak
     assert launch.main(args + ["--", "--fail-on-gpu", "0", "--fail-code", "3"]) == 1
     out = capsys.readouterr().out
     assert out.count("finished: exit 3") == 3 and "1 failed, 2 restarts" in out
+
+
+def test_a_worker_that_lost_its_storage_is_restarted_past_the_cap_until_it_answers(tmp_path, fake_worker, capsys):
+    args = launcher_args(tmp_path, fake_worker, "--gpus", "0", "--restart-backoff", "0.05", "--max-restarts", "1")
+    assert launch.main(args + ["--", "--tempfail-times", "4", "--counter", str(tmp_path / "count")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished: exit 75") == 4 and out.count("(until the storage answers)") == 4
+    assert "1 workers finished, 0 failed, 4 restarts" in out
+
+
+def test_the_restart_cap_counts_crashes_in_a_row_and_starts_afresh_after_a_long_run():
+    restarts = launch.Restarts(command=["true"], limit=2, backoff=1.0)
+    worker = launch.Worker("gpu0-0", "0", Path("w.log"), exits=[137], streak=2)
+    assert restarts.delay(worker) is None  # two restarts in a row already
+    worker.streak = 0  # what wait_all does after a run of RESET_AFTER_S or more
+    assert restarts.delay(worker) == 1.0
+    worker.exits.append(launch.EXIT_STORAGE_UNREACHABLE)
+    worker.streak = 9
+    assert restarts.delay(worker) == 60.0  # no cap for a lost storage, the back-off capped at a minute
+    worker.exits.append(2)
+    assert restarts.delay(worker) is None  # bad input: never
 
 
 def test_a_worker_dead_after_the_budget_was_spent_is_not_restarted_nor_a_failure(tmp_path, fake_worker, capsys):

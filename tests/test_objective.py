@@ -22,14 +22,14 @@ import storage
 from pcvit import Config, train
 from studies import cli
 from studies.results.replay import trial_config
-from studies.studyfile.spec import load_spec
+from studies.studyfile.spec import load_spec, stored_document
 from studies.running.worker import run_worker
 from tests.helpers import TINY_SPACE, run_workers_to_the_end, tiny_study, worker_env
 
 OPTUNA_CLI = str(pathlib.Path(sys.executable).parent / "optuna")
 RECORD = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run", "stop_reason",
           "diverged", "wall_time_s", "device", "implementation", "versions", "seed", "sampler_seed", "worker",
-          "precision", "min_val_mse", "probe_converged", "node_diagnostics")
+          "precision", "min_val_mse", "probe_converged")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,7 +51,9 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
     assert run_main(url, study_file, art) == 0
     study = load(url)
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
-    assert study.user_attrs["study_spec"]["n_trials"] == 2 and "name: tiny" in study.user_attrs["study_file"]
+    document, text = stored_document(study)
+    assert document["n_trials"] == 2 and "name: tiny" in text
+    assert study.user_attrs["study_file"] == "tiny.yaml" and "study_spec" not in study.user_attrs  # short for the CLI
     assert study.metric_names == ["best_probe_accuracy"]  # the dashboard's axes say what they show
     study_note = get_note(study)
     assert "## Study tiny: maximize best_probe_accuracy" in study_note and "2 of 2 trials" in study_note
@@ -64,7 +66,8 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
         assert list(t.intermediate_values) == [1, 2, 3]  # one report per probe, every epoch
         assert t.value == max(t.intermediate_values.values()) == t.user_attrs["best_probe_accuracy"]
         assert set(RECORD) <= set(t.user_attrs) and t.user_attrs["epochs_run"] == 3
-        assert {"torch", "optuna", "python", "code"} <= set(t.user_attrs["versions"])
+        assert all(f"{name} " in t.user_attrs["versions"] for name in ("torch", "optuna", "python", "code"))
+        assert set(t.system_attrs[objective.NODE_DIAGNOSTICS]) >= {"node_energy", "state_rms", "grad_norm"}
         assert t.user_attrs["seed"] == 10 and t.user_attrs["checkpoint"]["trained"]
         assert t.user_attrs["best_train_mse"] == float(f"{t.user_attrs['best_train_mse']:.4g}")
         assert t.value == float(f"{t.value:.6g}")

@@ -47,8 +47,11 @@ def test_worker_by_name_uses_the_study_file_stored_with_the_study(tmp_path, one_
 def test_a_packaged_study_needs_only_its_name():
     spec = resolve_spec(None, "smoke", "study 'smoke'")
     assert spec.name == "smoke" and spec.source == str(REPO / "studies" / "smoke.yaml")
-    with pytest.raises(StudyFileError, match="no packaged studies/nonesuch.yaml.*pass --study-file"):
+    with pytest.raises(StudyFileError, match="does not exist and no packaged studies/nonesuch.yaml"):
         resolve_spec(None, "nonesuch", "study 'nonesuch'")
+
+
+LONGEST_LINE = 400  # characters of the `optuna studies` table for a normal study (the study file is not in it)
 
 
 def test_optuna_storage_is_shared_with_optunas_cli_for_a_journal_file(tmp_path):
@@ -62,5 +65,8 @@ def test_optuna_storage_is_shared_with_optunas_cli_for_a_journal_file(tmp_path):
     assert worker.returncode == 0, worker.stderr[-3000:]
     shown = run([str(BIN / "optuna"), "trials", "--study-name", "tiny", "-f", "json"], env)
     assert json.loads(shown.stdout)[0]["state"] == "COMPLETE", shown.stderr
+    table = run([str(BIN / "optuna"), "studies"], env)  # the table Optuna users look at first stays readable
+    widest = max(len(line) for line in table.stdout.splitlines())
+    assert widest < LONGEST_LINE, f"optuna studies: a line of {widest} characters\n{table.stdout[:3000]}"
     report = run([str(BIN / "pcvit-study"), "report", "--study-name", "tiny", "--format", "json"], env)
     assert json.loads(report.stdout)["trials"] == 1, report.stderr

@@ -42,9 +42,9 @@ def trial(layernorm: bool, lr: float, probes: list[float], state=TrialState.COMP
         system_attrs=system_attrs)
 
 
-def make_study(tmp_path, trials, n_trials=20):
+def make_study(tmp_path, trials, n_trials=20, dataset="cifar10"):
     url = f"sqlite:///{tmp_path}/s.db"
-    spec = load_spec(tiny_study(tmp_path, n_trials=n_trials, space=SPACE, questions=QUESTIONS,
+    spec = load_spec(tiny_study(tmp_path, n_trials=n_trials, space=SPACE, questions=QUESTIONS, fixed={"dataset": dataset},
                                 baseline={"value": 0.30, "label": "the 6-block best"}))
     study = join_study(storage.open_storage(url), url, "tiny", spec, sampler_seed=1)[0]
     for t in trials:
@@ -83,7 +83,7 @@ def test_report_counts_pruned_trials_and_gives_a_verdict_only_with_evidence(tmp_
             "spread") in out
     assert "linear probe accuracy > 35% (primary): **met** (1 of 18 trials; best 0.36)" in out
     assert "reconstruction (train) MSE < 0.005 (tertiary): **met** (1 of 18 trials; best 0.004)" in out
-    assert "diverged trials < 20% (secondary): **met** (17 of 18 trials; rate 6%)" in out
+    assert "diverged trials < 20% (secondary): **met** (1 of 18 trials diverged (6%))" in out
     assert "best_probe_accuracy against the 6-block best (0.3): **met**" in out
     assert "9.00 h of trial wall time over 18 finished trials, 8.50 GPU-hours" in out
     assert "projected to the budget of 20 trials: 10.00 h, 9.4 GPU-hours (30.0 min per trial)" in out
@@ -96,7 +96,7 @@ def test_report_without_enough_trials_says_why_there_is_no_verdict(tmp_path, cap
     out = capsys.readouterr().out
     assert "No verdict: too few trials (needs 5 measured per value for two values or more; measured False: 1, " \
            "True: 2)" in out
-    assert "Spearman rank correlation with the measure: +1.00 (n = 3, too few for a p-value below 10)" in out
+    assert "Spearman rank correlation with the measure: +1.00 (n = 3, a p-value needs 10 trials or more)" in out
 
 
 def test_json_format_is_the_same_report_for_programs(tmp_path, capsys):
@@ -176,3 +176,26 @@ def test_the_best_trial_is_shown_beside_its_controls(tmp_path, capsys):
     url, _ = make_study(tmp_path / "none", [trial(False, 0.05, [0.3])])  # a study without controls says nothing
     assert cli.main(["report", "--storage", url, "--study-name", "tiny"]) == 0
     assert "Its controls" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("trials, words", [
+    ([], ["0 of 20 trials", "no trial measured yet"]),
+    ([trial(False, 0.05, [0.2])], ["1 of 20 trials: complete 1", "(0 of 1 trial; best 0.2)",
+                                   "(0 of 1 trial diverged (0%))"]),
+    ([trial(False, 0.05, [0.4]), trial(True, 0.06, [0.5], state=TrialState.PRUNED, diverged=True)],
+     ["(2 of 2 trials; best 0.5)", "**not met** (1 of 2 trials diverged (50%))"]),
+])
+def test_report_sentences_read_right_for_none_one_and_several_trials(trials, words, tmp_path, capsys):
+    url, _ = make_study(tmp_path, trials)
+    assert cli.main(["report", "--storage", url, "--study-name", "tiny"]) == 0
+    out = capsys.readouterr().out
+    for w in words:
+        assert w in out, (w, out)
+
+
+def test_the_documents_cifar10_targets_are_not_judged_on_other_images(tmp_path, capsys):
+    url, _ = make_study(tmp_path, [trial(False, 0.05, [0.64])], dataset="fashion-mnist")
+    assert cli.main(["report", "--storage", url, "--study-name", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "targets are for CIFAR-10; this study trains on fashion-mnist, so they are not judged here" in out
+    assert "linear probe accuracy > 35%" not in out and "diverged trials < 20%" in out

@@ -18,7 +18,7 @@ import storage
 from studies.running import owners
 from storage.optuna_access import fail_if_running
 from studies.running.retries import RETRY_REASON, fail_for_retry, repair_missing_retries, requeue
-from studies.studyfile.spec import StudyFileError, load_spec
+from studies.studyfile.spec import StudyFileError, load_spec, stored_document
 from studies.running.worker import join_study
 from tests.helpers import tiny_study
 
@@ -132,7 +132,7 @@ def test_two_files_joining_a_new_study_at_once_let_exactly_one_in(url, tmp_path)
             return "refused"
 
     outcomes = race(join)
-    stored = optuna.load_study(study_name="tiny", storage=storage.open_storage(url)).user_attrs["study_spec"]
+    stored = stored_document(optuna.load_study(study_name="tiny", storage=storage.open_storage(url)))[0]
     winners = [i for i, outcome in enumerate(outcomes) if outcome == "in"]
     assert winners and all(load_spec(files[i % 2]).document["n_trials"] == stored["n_trials"] for i in winners)
     assert len({i % 2 for i in winners}) == 1  # only one of the two files got in

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from pcvit.images import LABEL_HEIGHT, PAD, save_reconstruction_grid, to_pixels
+from pcvit.images import LABEL_HEIGHT, PAD, TARGET_PANEL, save_reconstruction_grid, to_pixels
 from studies.results.curves import save_curves
 
 
@@ -14,13 +14,13 @@ def test_grid_is_enlarged_and_the_input_column_appears_only_when_it_differs(tmp_
     same = save_reconstruction_grid(original, original, reconstruction, tmp_path / "same.png")
     differs = save_reconstruction_grid(original, masked, reconstruction, tmp_path / "differs.png")
     with Image.open(same) as two, Image.open(differs) as three:
-        assert two.size[0] >= 2 * 192 and three.size[0] >= 3 * 192 > two.size[0]
-        assert two.size[1] >= 2 * 192  # two rows
-        panel = 192
+        panel = TARGET_PANEL  # 32 divides it: a source pixel is a 10x10 block
+        assert two.size[0] >= 600 and three.size[0] >= 3 * panel > two.size[0]  # readable: over 600 px wide
+        assert two.size[1] >= 2 * panel  # two rows
         for row, column, images in ((0, 0, original), (1, 1, reconstruction)):  # pixels come from the tensors
-            for y, x in ((0, 0), (5, 17), (31, 31)):  # one source pixel is a 6x6 block of the panel
-                shown = two.convert("RGB").getpixel((PAD + column * (panel + PAD) + 6 * x + 3,
-                                                     LABEL_HEIGHT + row * (panel + PAD) + 6 * y + 3))
+            for y, x in ((0, 0), (5, 17), (31, 31)):
+                shown = two.convert("RGB").getpixel((PAD + column * (panel + PAD) + 10 * x + 5,
+                                                     LABEL_HEIGHT + row * (panel + PAD) + 10 * y + 5))
                 assert shown == tuple(to_pixels(images)[row, y, x].tolist())
 
 
@@ -37,4 +37,4 @@ def test_curves_are_drawn_even_for_a_run_that_diverged(tmp_path):
                {"epoch": 3, "train_mse": float("nan")}]
     path = save_curves(history, tmp_path / "curves.png", "trial 0: diverged")
     with Image.open(path) as image:
-        assert image.size == (900, 360)
+        assert image.size == (640, 320)

@@ -23,7 +23,7 @@ def save_curves(history: list[dict[str, Any]], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(9, 3.6), dpi=100)
+    figure = Figure(figsize=(6.4, 3.2), dpi=100)  # 640 px: full width in a trial note on a 1280-px screen
     mse, probe = figure.subplots(1, 2)
     for key, label in (("train_mse", "train MSE"), ("val_mse", "validation MSE")):
         epochs, values = _series(history, key)

@@ -55,7 +55,8 @@ def update_study_note(study: optuna.Study, spec: StudySpec) -> None:
         log.warning("could not update the study's note: %s", exc)
 
 
-def trial_note(number: int, summary: dict[str, Any], resumed_after: int | None) -> str:
+def trial_note(number: int, summary: dict[str, Any], resumed_after: int | None,
+               pictures: dict[str, str] | None = None) -> str:
     """A few lines: how the trial ended, divergence, resume, best probe and when, MSEs, time."""
     reason, detail = summary.get("stop_reason"), summary.get("stop_detail")
     lines = [f"### Trial {number}: {reason}" + (f" ({detail})" if detail and detail != reason else "")]
@@ -71,6 +72,15 @@ def trial_note(number: int, summary: dict[str, Any], resumed_after: int | None) 
     lines.append(f"- epochs run {summary.get('epochs_run')}, best train MSE {_short(summary.get('best_train_mse'))}, "
                  f"best validation MSE {_short(summary.get('best_val_mse'))}")
     lines.append(f"- {_short(summary.get('wall_time_s'))} s on {summary.get('device')}")
+    if summary.get("untrained_baseline") is not None:  # short lines: the dashboard does not wrap a note's lines
+        lines += ["- its controls (same probe, same images):",
+                  f"    - untrained network {_short(summary['untrained_baseline'])}",
+                  f"    - PCA-{summary.get('pca_components')} of the pixels {_short(summary.get('pca_baseline'))}",
+                  f"    - raw patches {_short(summary.get('raw_patch_baseline'))}"]
+    if summary.get("probe_converged") is False:
+        lines += ["- probe head not converged (its loss still fell):", "    raise linear_probe_epochs or use lbfgs"]
+    for name, url in sorted((pictures or {}).items()):  # the newest reconstruction and the curves, full width
+        lines += ["", f"![{name}]({url})"]
     return "\n".join(lines) + "\n"
 
 

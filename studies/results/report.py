@@ -20,6 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from pcvit.config import Config
 from studies.results.report_stats import quartiles, rank_sum_p, spearman, spearman_p
 from studies.running.retries import is_retry
 from studies.studyfile.spec import StudySpec, param_value
@@ -29,10 +30,11 @@ MIN_PER_GROUP = 5
 ALPHA = 0.05
 MIN_FOR_P = 10  # Spearman's p from the t approximation means little below this
 # The document's success targets: (key, trial attribute, threshold, below?, text)
-TARGETS = (
+TARGETS = (  # the user's document's targets, written for CIFAR-10: judged only for studies of CIFAR-10 images
     ("probe_accuracy", "best_probe_accuracy", 0.35, False, "linear probe accuracy > 35% (primary)"),
     ("reconstruction_mse", "best_train_mse", 0.005, True, "reconstruction (train) MSE < 0.005 (tertiary)"),
 )
+TARGETS_DATASET = "cifar10"
 MAX_DIVERGED = 0.20  # secondary target: fewer diverged runs, read as below 20% of trials
 
 
@@ -163,7 +165,8 @@ def compute_summary(trials: list[FrozenTrial], n_trials: int) -> dict[str, Any]:
 
 def success_summary(trials: list[FrozenTrial], spec: StudySpec) -> list[dict[str, Any]]:
     lines = []
-    for key, attr, threshold, below, text in TARGETS:
+    dataset = spec.fixed.get("dataset", Config.dataset)
+    for key, attr, threshold, below, text in TARGETS if dataset == TARGETS_DATASET else ():
         values = [v for v in (_number(t.user_attrs.get(attr)) for t in trials) if v is not None]
         hits = [v for v in values if (v < threshold if below else v > threshold)]
         best = (min if below else max)(values) if values else None
@@ -221,6 +224,9 @@ def study_summary(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
         "best_trial": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
                                                  "controls": controls_of(best)},
         "success": success_summary(trials, spec),
+        "focused_from": spec.focused_from,
+        "targets_skipped": None if spec.fixed.get("dataset", Config.dataset) == TARGETS_DATASET
+        else spec.fixed.get("dataset"),
         "compute": compute_summary(trials, spec.n_trials),
         "questions": questions,
         "other_parameters": [parameter_summary(trials, name, spec.space[name], metric, maximize)
@@ -233,6 +239,13 @@ def render_markdown(s: dict[str, Any]) -> str:
              f"{s['trials']} of {s['budget']} trials: "
              + ", ".join(f"{n} {c}" for n, c in s["states"].items())
              + f"; diverged {s['diverged']} ({_pct(s['diverged'], s['trials'])})."]
+    if s.get("focused_from"):
+        origin = s["focused_from"]
+        lines.append(f"Focused from study {origin['study']!r}: its best trials {origin['trials']} drew the ranges "
+                     "and were run first.")
+    if s.get("targets_skipped"):
+        lines.append(f"The document's probe and MSE targets are for CIFAR-10; this study trains on "
+                     f"{s['targets_skipped']}, so they are not judged here.")
     if s["best_trial"]:
         b = s["best_trial"]
         lines.append(f"Best: trial {b['number']}, {s['metric']} = {_fmt(b['value'])} ("
@@ -244,10 +257,7 @@ def render_markdown(s: dict[str, Any]) -> str:
             lines.append(f"Its controls, the same probe on the same images: {', '.join(shown)}.")
     lines += ["", "### Success targets", ""]
     for t in s["success"]:
-        best = _pct_value(t["best"]) if t["target"] == "divergence" else _fmt(t["best"])
-        status = "met" if t["met"] else "not met"
-        lines.append(f"- {t['text']}: **{status}** ({t['trials_meeting']} of {t['trials_measured']} trials; "
-                     f"{'rate' if t['target'] == 'divergence' else 'best'} {best})")
+        lines.append(f"- {t['text']}: **{'met' if t['met'] else 'not met'}** ({_target_detail(t)})")
     c = s["compute"]
     lines += ["", "### Compute", "",
               f"- spent: {_duration(c['wall_hours'])} of trial wall time over {c['finished_trials']} finished "
@@ -279,9 +289,21 @@ def _parameter_lines(p: dict[str, Any]) -> list[str]:
     lines += ["", f"Verdict: {verdict_text}." if p["verdict"]["best"] is not None else f"No verdict: {verdict_text}."]
     rho = p.get("spearman")
     if rho:
-        p_text = f"p = {rho['p']:.2g}" if rho["n"] >= MIN_FOR_P else f"too few for a p-value below {MIN_FOR_P}"
+        p_text = f"p = {rho['p']:.2g}" if rho["n"] >= MIN_FOR_P else f"a p-value needs {MIN_FOR_P} trials or more"
         lines.append(f"Spearman rank correlation with the measure: {rho['rho']:+.2f} (n = {rho['n']}, {p_text}).")
     return lines
+
+
+def _target_detail(t: dict[str, Any]) -> str:
+    """`1 of 18 trials; best 0.36`, `1 of 18 trials diverged (6%)`, `no trial measured yet`."""
+    measured = t["trials_measured"]
+    if not measured:
+        return "no trial measured yet"
+    trials = "trial" if measured == 1 else "trials"
+    if t["target"] == "divergence":
+        diverged = measured - t["trials_meeting"]
+        return f"{diverged} of {measured} {trials} diverged ({_pct_value(t['best'])})"
+    return f"{t['trials_meeting']} of {measured} {trials}; best {_fmt(t['best'])}"
 
 
 def _duration(hours: float) -> str:

@@ -49,6 +49,8 @@ class Worker:
     process: subprocess.Popen | None = field(default=None, repr=False)
     exits: list[int] = field(default_factory=list)  # exit codes of this slot's processes, in order
     restart_at: float | None = None  # monotonic time of a pending restart
+    started_at: float = 0.0  # monotonic time the slot's current process started
+    streak: int = 0  # restarts since the slot last ran a while (RESET_AFTER_S): what the cap counts
 
     @property
     def returncode(self) -> int | None:
@@ -176,6 +178,7 @@ def check_storage(worker_args: list[str], workers: int, patience_s: float = 60.0
 
 def start(worker: Worker, command: list[str]) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": worker.gpu}
+    worker.started_at = time.monotonic()
     if worker.threads is not None and "OMP_NUM_THREADS" not in os.environ:  # the user's setting wins
         env["OMP_NUM_THREADS"] = str(worker.threads)
     if str(worker.log_path) == STDOUT:  # in a container: the launcher's own output is the log
@@ -241,8 +244,13 @@ class Forwarder:
             _send(worker, sent)
 
 
+EXIT_STORAGE_UNREACHABLE = 75  # EX_TEMPFAIL: a worker whose storage did not answer at start-up; try again later
+RESET_AFTER_S = 600.0  # a worker that ran this long before it died starts a fresh count of restarts
+
+
 def restartable(code: int) -> bool:
-    """Did the worker die abnormally? 0: budget spent; 1: three failed trials in a row; 2: bad input."""
+    """Did the worker die abnormally? 0: budget spent; 1: three failed trials in a row; 2: bad input.
+    75: the storage was unreachable: restartable, and without a cap (see Restarts)."""
     return code not in (0, 1, 2)
 
 
@@ -256,11 +264,15 @@ class Restarts:
     budget_spent: bool = False  # a worker exited 0: no trial is left, a dead slot is not needed any more
 
     def delay(self, worker: Worker) -> float | None:
-        """Seconds until `worker` (just exited) restarts, None if it stays down."""
-        restarts = len(worker.exits) - 1
-        if self.command is None or self.budget_spent or restarts >= self.limit or not restartable(worker.exits[-1]):
+        """Seconds until `worker` (just exited) restarts, None if it stays down. A worker that lost its storage
+        (exit 75) is restarted until the storage returns or the study ends, whatever the cap; every other
+        abnormal exit counts against the cap, which starts afresh once a worker has run RESET_AFTER_S."""
+        code = worker.exits[-1]
+        if self.command is None or self.budget_spent or not restartable(code):
             return None
-        return min(self.backoff * 2 ** restarts, 60.0)
+        if code != EXIT_STORAGE_UNREACHABLE and worker.streak >= self.limit:
+            return None
+        return min(self.backoff * 2 ** worker.streak, 60.0)
 
 
 def wait_all(forwarder: Forwarder, kill_after: float, restarts: Restarts | None = None) -> None:
@@ -277,13 +289,17 @@ def wait_all(forwarder: Forwarder, kill_after: float, restarts: Restarts | None 
                 reported.append(process)
                 worker.exits.append(process.returncode)
                 restarts.budget_spent |= process.returncode == 0
+                if time.monotonic() - worker.started_at >= RESET_AFTER_S:
+                    worker.streak = 0  # it worked a while: an old streak of crashes says nothing now
                 print(f"pcvit-launch: worker {worker.name} finished: "
                       f"{describe_exit(process.returncode, forwarder.sent)}", flush=True)
                 delay = restarts.delay(worker) if forwarder.sent is None else None
                 if delay is not None:
+                    worker.streak += 1
                     worker.restart_at = time.monotonic() + delay
-                    print(f"pcvit-launch: restarting worker {worker.name} in {delay:g} s "
-                          f"(restart {len(worker.exits)} of at most {restarts.limit})", flush=True)
+                    cap = ("until the storage answers" if process.returncode == EXIT_STORAGE_UNREACHABLE
+                           else f"restart {worker.streak} of at most {restarts.limit} in a row")
+                    print(f"pcvit-launch: restarting worker {worker.name} in {delay:g} s ({cap})", flush=True)
         for worker in forwarder.workers:
             if worker.restart_at is not None and (forwarder.sent is not None or restarts.budget_spent):
                 worker.restart_at = None  # stopped, or the study ended meanwhile

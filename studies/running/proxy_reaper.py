@@ -26,7 +26,7 @@ import optuna
 from storage import StorageError, mask_password
 from storage.optuna_access import study_id, study_system_attrs
 from studies.running.reaper import StalenessWatch, reap_once
-from studies.studyfile.spec import SPEC_ATTR, StudyFileError, spec_from_document
+from studies.studyfile.spec import StudyFileError, spec_from_document, stored_document
 
 log = logging.getLogger("pcvit.proxy")
 MARK = "pcvit:proxy_reaper"  # study system attr: {"by": host:pid, "count": n}, raised every MARK_EVERY_S
@@ -75,7 +75,8 @@ class ProxyReaper:
         self.count += 1
         mark = {"by": f"{socket.gethostname()}:{os.getpid()}", "count": self.count}
         for frozen in self.storage.get_all_studies():
-            document = frozen.user_attrs.get(SPEC_ATTR)
+            study = optuna.load_study(study_name=frozen.study_name, storage=self.storage)
+            document, _ = stored_document(study)
             if document is None:
                 continue  # not a pcvit study (or no worker has joined it yet)
             try:
@@ -83,7 +84,6 @@ class ProxyReaper:
             except StudyFileError as exc:
                 log.warning("%s", exc)
                 continue
-            study = optuna.load_study(study_name=frozen.study_name, storage=self.storage)
             sid = study_id(study)
             self.storage.set_study_system_attr(sid, MARK, mark)
             if now - self.last_reap.get(sid, -float("inf")) < spec.heartbeat_interval:

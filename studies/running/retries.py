@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from storage.locks import storage_lock
 from storage.optuna_access import fail_if_running, set_system_attr, set_user_attr
-from studies.studyfile.spec import SPEC_ATTR
+from studies.studyfile.spec import stored_document
 
 log = logging.getLogger("pcvit.retries")
 
@@ -40,7 +40,8 @@ def lineage(study_id: int, trial: FrozenTrial) -> str:
 
 
 def stored_max_retries(study: optuna.Study) -> int:
-    return int(study.user_attrs.get(SPEC_ATTR, {}).get("max_retries", 0))
+    document, _ = stored_document(study)
+    return int((document or {}).get("max_retries", 0))
 
 
 def fail_for_retry(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:

@@ -1,8 +1,9 @@
 """The worker loop: join the study, pull trials until the study's budget is spent, never leave a zombie.
 
 * Study: loaded, or created from the study file when absent (also after `optuna create-study`, which
-  makes it without our attributes). The file's canonical content is stored as the study user attribute
-  `study_spec` (and its text as `study_file`); a worker whose file differs refuses and prints the diff.
+  makes it without our attributes). The file's canonical content is stored as the study attribute
+  `study_spec` (system attributes, with its text as `study_file`; the user attribute `study_file` names the
+  file); a worker whose file differs refuses and prints the diff.
 * Grid: every worker shuffles the grid with the same seed (`studies.studyfile.samplers`). Optuna's GridSampler
   gives trial number n the n-th point of its shuffled grid; with the order shared, the trial numbers the storage
   hands out make every point run exactly once whatever the number of workers. Other samplers keep one seed per
@@ -30,6 +31,8 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import sys
+import time
 import traceback
 from typing import Any, Callable
 
@@ -43,12 +46,14 @@ from storage.locks import storage_lock
 from storage.optuna_access import (fail_if_running, optimize_loop, set_system_attr, set_user_attr, stored_trial,
                                    study_id, trial_id, use_heartbeats)
 from studies.running.owners import claim
+from studies.running.progress import trial_line
 from studies.running.reaper import Reaper
 from studies.running.retries import (fail_for_retry, is_retry, lineage, lineage_done, missing_retries,
                                      repair_missing_retries, requeue)
 from studies.running.stopping import SignalGuard, WorkerStopped
 from studies.studyfile.study_source import resolve_spec
-from studies.studyfile.spec import SPEC_ATTR, StudyFileError, StudySpec, canonical, spec_diff, spec_from_document
+from studies.studyfile.spec import (StudyFileError, StudySpec, canonical, spec_diff, spec_from_document, store_document,
+                                    stored_document)
 
 log = logging.getLogger("pcvit.worker")
 SURPLUS = "pcvit:surplus"  # system attr of a trial created beyond the budget by a concurrent ask
@@ -82,13 +87,12 @@ def join_study(storage: Any, url: str, name: str | None, spec: StudySpec | None,
         raise StudyFileError(f"{spec.source}: direction: the file says {spec.direction} but {where} is to {stored} "
                              f"(create it with `optuna create-study --direction {spec.direction}`)")
     mine = canonical(spec.document)
-    stored_spec = study.user_attrs.get(SPEC_ATTR)
+    stored_spec, _ = stored_document(study)
     if stored_spec is None:
         with storage_lock(storage, f"join:{name}"):  # the first worker's file wins; the others compare with it
-            stored_spec = study.user_attrs.get(SPEC_ATTR)
+            stored_spec, _ = stored_document(study)
             if stored_spec is None:
-                study.set_user_attr("study_file", spec.text)
-                study.set_user_attr(SPEC_ATTR, mine)
+                store_document(study, spec)
                 stored_spec = mine
     if stored_spec != mine:
         lines = "\n  ".join(spec_diff(stored_spec, mine))
@@ -105,9 +109,10 @@ def open_existing_study(url: str, name: str) -> tuple[optuna.Study, StudySpec]:
         study = optuna.load_study(study_name=name, storage=storage.open_storage(url))
     except KeyError:
         raise StudyFileError(f"{where} does not exist") from None
-    if SPEC_ATTR not in study.user_attrs:
+    document, text = stored_document(study)
+    if document is None:
         raise StudyFileError(f"{where} has no stored study file: no pcvit-worker has joined it yet")
-    spec = spec_from_document(study.user_attrs[SPEC_ATTR], where, study.user_attrs.get("study_file", ""))
+    spec = spec_from_document(document, where, text)
     use_heartbeats(study, spec.heartbeat_interval, spec.grace_period)
     return study, spec
 
@@ -189,9 +194,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
               guard: SignalGuard, spec: StudySpec, reaper: Reaper, checkpoints: CheckpointFiles | None = None) -> str:
     """One trial, told to the storage whatever happens. Returns complete/pruned/interrupted/oom/error;
     an interrupted trial (a signal, the database out of reach) is failed and re-queued."""
-    import torch
-
     value, state, outcome, reason = None, TrialState.FAIL, "error", ""
+    started = time.monotonic()
     try:
         with reaper.beating(trial_id(trial)):  # from the start: a claim held up by an outage is not a death
             claim(study, trial)
@@ -206,15 +210,18 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     except storage.DB_UNREACHABLE as exc:  # an outage longer than the storage's patience is not the trial's fault
         outcome, reason = "interrupted", f"database unreachable: {str(exc).splitlines()[0][:200]}"
         log.warning("trial %d: %s", trial.number, reason)
-    except torch.OutOfMemoryError as exc:
-        outcome, reason = "oom", f"CUDA out of memory: {str(exc).splitlines()[0]}"
     except Exception as exc:  # noqa: BLE001 - a failed trial is data; the worker goes on
-        reason = f"{type(exc).__name__}: {exc}"
-        log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+            outcome, reason = "oom", f"CUDA out of memory: {str(exc).splitlines()[0]}"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
     finally:
         guard.on_stop = None
         gc.collect()  # drop the dead trial's tensors before the next one allocates
-        if torch.cuda.is_available():
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
     frozen = stored_trial(study, trial)
     if outcome == "interrupted":
@@ -242,6 +249,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
             return outcome  # finished otherwise (reaped): not ours to clean up
     if reason:
         log.warning("trial %d failed: %s", trial.number, reason)
+    log.info("%s", trial_line(study, trial.number, state, value, frozen.params, time.monotonic() - started,
+                              spec.n_trials, lambda t: not is_retry(t) and SURPLUS not in t.system_attrs))
     if checkpoints is not None:  # the result is stored: its checkpoints are no longer needed
         checkpoints.remove_lineage(lineage(study_id(study), frozen))
     return outcome

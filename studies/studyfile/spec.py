@@ -9,6 +9,7 @@ once with the file and key in the message instead of as 500 failed trials.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import math
@@ -29,7 +30,8 @@ class StudyFileError(ValueError):
 
 
 # --- the schema, as data ---------------------------------------------------------------------------
-SPEC_ATTR = "study_spec"  # study user attr holding the validated study file
+SPEC_ATTR = "study_spec"  # study system attr holding the validated study file (user attr in older studies)
+TEXT_ATTR = "study_file"  # study system attr holding its text; the user attr of that name names the file
 
 METRICS = {  # metric -> the per-epoch value reported to Optuna for pruning
     "best_probe_accuracy": "probe_accuracy",
@@ -78,9 +80,11 @@ TOP_LEVEL = {  # key -> (kind, default; None = required)
     "space": ("dict", None),
     "questions": ("list", []),  # [{question: text, params: [names]}] answered by `pcvit-study report`
     "baseline": ("dict", {}),  # {value: number, label: text}: the metric of a reference model, for the report
-    "controls": ("bool", True),  # probe each finished trial's controls (pcvit.controls): untrained, PCA, raw patches
+    "focused_from": ("dict", {}),  # {study: name, trials: [numbers]}: written by `pcvit-study focus`
+    "controls": ("bool", True),  # probe the controls (pcvit.controls) of each trial that beats the best so far
 }
 BASELINE = {"value": ("number", True), "label": ("str", True)}
+FOCUSED_FROM = {"study": ("str", True), "trials": ("list", True)}
 # Keys the original W&B sweep carried that did nothing in its runs: an error here, a noted drop on import.
 NO_EFFECT = {
     "corrupt_ratio": "acts only with use_corruption (off in the original sweep): masked-reconstruction images",
@@ -137,6 +141,10 @@ class StudySpec:
     @property
     def baseline(self) -> dict[str, Any] | None:  # optional: absent from studies stored before it existed
         return self.document.get("baseline")
+
+    @property
+    def focused_from(self) -> dict[str, Any] | None:  # optional: only in a study file `pcvit-study focus` wrote
+        return self.document.get("focused_from")
 
     @property
     def controls(self) -> bool:  # left out of the document when true (the default)
@@ -200,6 +208,10 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
         del doc["baseline"]
     if doc["controls"] is True:  # the default: left out for the same reason
         del doc["controls"]
+    if doc["focused_from"]:
+        doc["focused_from"] = _check_keys(doc["focused_from"], FOCUSED_FROM, "focused_from", fail)
+    else:
+        del doc["focused_from"]
     if doc["direction"] not in ("maximize", "minimize"):
         raise fail("direction", f"must be maximize or minimize, got {doc['direction']!r}")
     if doc["metric"] not in METRICS:
@@ -218,8 +230,9 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
                                    "all workers sample the same trials)")
     doc["sampler"] = _check_typed(doc["sampler"], SAMPLERS, "sampler", fail)
     doc["pruner"] = _check_typed(doc["pruner"], PRUNERS, "pruner", fail)
-    for name in doc["fixed"]:
+    for name, value in doc["fixed"].items():
         _check_field(name, f"fixed.{name}", fail)
+        doc["fixed"][name] = _check_fixed_value(name, value, fail)
     space = {}
     for name, param in doc["space"].items():
         _check_field(name, f"space.{name}", fail)
@@ -239,6 +252,27 @@ def validate(raw: Any, source: str, text: str = "") -> StudySpec:
     return StudySpec(source, doc, text)
 
 
+# --- the study file stored with a study -----------------------------------------------------------------
+def stored_document(study: Any) -> tuple[dict[str, Any] | None, str]:
+    """The study file stored with `study`: (its canonical document or None, its text). Kept in the study's
+    system attributes, where `optuna studies` does not print them (studies stored before: user attributes)."""
+    from storage.optuna_access import study_system_attrs
+
+    attrs = study_system_attrs(study)
+    if SPEC_ATTR in attrs:
+        return attrs[SPEC_ATTR], attrs.get(TEXT_ATTR, "")
+    return study.user_attrs.get(SPEC_ATTR), study.user_attrs.get(TEXT_ATTR, "") if SPEC_ATTR in study.user_attrs else ""
+
+
+def store_document(study: Any, spec: "StudySpec") -> None:
+    """Store `spec` with `study` (system attributes), and its file's name as a short user attribute."""
+    from storage.optuna_access import set_study_system_attr
+
+    set_study_system_attr(study, TEXT_ATTR, spec.text)
+    set_study_system_attr(study, SPEC_ATTR, canonical(spec.document))
+    study.set_user_attr(TEXT_ATTR, pathlib.Path(spec.source).name)
+
+
 # --- pieces ----------------------------------------------------------------------------------------
 def _check_keys(mapping: Any, schema: dict[str, tuple[str, bool]], where: str, fail: Callable) -> dict:
     prefix = f"{where}." if where else ""
@@ -246,7 +280,7 @@ def _check_keys(mapping: Any, schema: dict[str, tuple[str, bool]], where: str, f
         raise fail(where or "(top level)", f"must be a mapping, got {mapping!r}")
     for key in mapping:
         if key not in schema:
-            hint = f" ({NO_EFFECT[key]})" if key in NO_EFFECT else ""
+            hint = f" ({NO_EFFECT[key]})" if key in NO_EFFECT else did_you_mean(key, schema)
             raise fail(f"{prefix}{key}", f"unknown key{hint}; known: {', '.join(schema) or 'none'}")
     out = {}
     for key, (kind, required) in schema.items():
@@ -294,7 +328,30 @@ def _check_field(name: str, key: str, fail: Callable) -> None:
     if name in NO_EFFECT:
         raise fail(key, f"has no effect in the original sweep and is not a pcvit setting: {NO_EFFECT[name]}")
     if name not in field_names():
-        raise fail(key, "unknown parameter: not a pcvit config field (see pcvit/config.py)")
+        raise fail(key, f"unknown parameter{did_you_mean(name, field_names())}: not a pcvit config field "
+                        "(`pcvit-train --list-fields` lists them)")
+
+
+def did_you_mean(word: str, known: Any) -> str:
+    """` (did you mean 'x'?)` for the closest known name, or nothing when none is close."""
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_fixed_value(name: str, value: Any, fail: Callable) -> Any:
+    """A fixed value in its field's type: an integer field takes no text ("4" is refused, not guessed), a float
+    field also takes text YAML left unparsed (5e-4), a text field also a number (`residual_branch_scale: 1`)."""
+    kind = _field_kind(name)
+    wrong = (kind is int and (not isinstance(value, int) or isinstance(value, bool))
+             or kind is bool and not isinstance(value, bool)
+             or kind is float and (isinstance(value, bool) or not isinstance(value, (int, float, str))))
+    if wrong:
+        shown = {int: "an integer", bool: "true or false", float: "a number"}[kind]
+        raise fail(f"fixed.{name}", f"must be {shown}, got {value!r} ({type(value).__name__})")
+    try:
+        return list(coerced) if isinstance(coerced := coerce(name, value), tuple) else coerced
+    except ConfigError as exc:
+        raise fail(f"fixed.{name}", f"{exc} (got {value!r})") from None
 
 
 def _field_kind(name: str) -> type:
