@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tests import pg
+from tests import pg, slurm_cluster
 from tests.skips import is_cuda_only, skip_reason
 
 # The tests' tensors are tiny and several processes (workers, servers) share 2 cores: OpenMP threads
@@ -33,6 +33,17 @@ def postgres_server():
         pytest.skip(str(exc))
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real single-node SLURM cluster (munged, slurmctld, slurmd) for the session (see tests/slurm_cluster.py)."""
+    try:
+        cluster = slurm_cluster.SlurmCluster()
+    except slurm_cluster.SlurmUnavailable as exc:
+        pytest.skip(str(exc))
+    yield cluster
+    cluster.close()
 
 
 # --- skips: counted at the end of every run; with --no-skips (CI) any but a CUDA-only one fails the run -----

@@ -1,0 +1,121 @@
+"""A study as a SLURM job array, through the real scheduler: `pcvit-study slurm --submit` on a single-node
+cluster (tests/slurm_cluster.py) with CPU workers on a real PostgreSQL server.
+
+While the first trials run, one array task is re-queued (`scontrol requeue`), one cancelled (`scancel`) and
+one warned of its time limit (USR1 to its batch shell, which is what `--signal=B:USR1@...` sends). Every trial
+of the budget must end COMPLETE exactly once, none left RUNNING or WAITING, each interrupted trial resumed
+from its checkpoint, and the tasks that came back must end with exit code 0.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from optuna.trial import TrialState
+
+from studies.running.retries import is_retry
+from studies.running.worker import SURPLUS
+from tests.helpers import checkpoint_epoch, tiny_study, trials, wait_for, worker_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Heartbeat of storage",
+                                                           "ignore::optuna.exceptions.ExperimentalWarning")]
+
+N_TRIALS = 5
+TASKS = 3
+EPOCHS = 12  # with a checkpoint after every epoch: a trial is interrupted midway
+
+
+def task_states(slurm, job: str) -> dict[int, dict[str, str]]:
+    """Array task id -> `scontrol show job` fields (JobState, ExitCode, Restarts, Reason, JobId)."""
+    out = slurm.run("scontrol", "-o", "show", "job", job, check=False).stdout
+    tasks = {}
+    for line in out.splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        if "ArrayTaskId" in fields and fields["ArrayTaskId"].isdigit():
+            tasks[int(fields["ArrayTaskId"])] = fields
+    return tasks
+
+
+def start_now_when_pending(slurm, job: str, task: int, timeout: float) -> None:
+    """A re-queued task waits for its begin time (SLURM holds it a while); once it is pending, start it now."""
+    wait_for(lambda: task_states(slurm, job).get(task, {}).get("JobState") == "PENDING", timeout,
+             f"task {job}_{task} to be pending again", interval=0.5)
+    slurm.run("scontrol", "update", f"JobId={job}_{task}", "StartTime=now")
+
+
+def test_a_study_as_a_slurm_array_survives_requeue_cancel_and_the_time_limit(slurm, postgres_server, tmp_path):
+    url = postgres_server.new_database("slurm_array")
+    study_file = tiny_study(tmp_path, name="slurm-array", n_trials=N_TRIALS, controls=False,
+                            fixed={"epochs": EPOCHS, "train_subset": 300})
+    artifacts, script = tmp_path / "shared", tmp_path / "study.sbatch"
+    env = {**worker_env(), "SLURM_CONF": slurm.env["SLURM_CONF"]}  # sbatch hands it to the tasks
+    submitted = subprocess.run(
+        [sys.executable, "-m", "studies.cli", "slurm", "--storage", url, "--study-file", str(study_file),
+         "--tasks", str(TASKS), "--gpus-per-task", "0", "--artifact-dir", str(artifacts), "--signal-seconds", "30",
+         "-o", str(script), "--submit"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    job = re.search(r"submitted job array (\d+)", submitted.stdout).group(1)
+    text = script.read_text()
+    for line in ("--array=0-2", "--requeue", "--open-mode=append", "--signal=B:USR1@30"):
+        assert f"#SBATCH {line}" in text
+
+    def logs() -> str:
+        return "".join(f"\n--- {p.name} ---\n{p.read_text()[-3000:]}"
+                       for p in sorted((artifacts / "slurm-logs").glob("*.log")))
+
+    # all three tasks busy, each trial past its first checkpoint with epochs to go
+    def busy():
+        running = [t for t in trials(url, "slurm-array") if t.state == TrialState.RUNNING]
+        midway = all(1 <= checkpoint_epoch(t) <= EPOCHS - 4 for t in running)
+        return running if len(running) == TASKS and midway else None
+
+    try:
+        interrupted = wait_for(busy, 150, "three trials running past a checkpoint", interval=0.3)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}{logs()}{slurm.log_tail()}") from None
+    slurm.run("scontrol", "requeue", f"{job}_0")
+    slurm.run("scancel", f"{job}_1")
+    slurm.run("scancel", "--batch", "--signal=USR1", f"{job}_2")  # what SLURM sends 30 s before the time limit
+    start_now_when_pending(slurm, job, 0, 60)
+    start_now_when_pending(slurm, job, 2, 60)  # its batch shell re-queued it
+
+    def done():
+        tasks = task_states(slurm, job)
+        ended = all(tasks.get(i, {}).get("JobState") in ("COMPLETED", "CANCELLED", "FAILED") for i in range(TASKS))
+        return tasks if ended else None
+
+    try:
+        tasks = wait_for(done, 240, "the array to finish", interval=1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{task_states(slurm, job)}{logs()}") from None
+
+    # SLURM: the cancelled task stays cancelled; the two that came back finished the study and exited 0
+    assert tasks[1]["JobState"] == "CANCELLED", tasks[1]
+    for i in (0, 2):
+        assert (tasks[i]["JobState"], tasks[i]["ExitCode"]) == ("COMPLETED", "0:0"), (tasks[i], logs())
+        assert int(tasks[i]["Restarts"]) >= 1, tasks[i]
+    assert "the time limit is near" in (artifacts / "slurm-logs" / f"pcvit-study-{job}_2.log").read_text()
+
+    # the study: every trial of the budget counted once, nothing lost or left behind
+    final = trials(url, "slurm-array")
+    assert not [t.number for t in final if t.state in (TrialState.RUNNING, TrialState.WAITING)], logs()
+    trained = [t for t in final if not t.system_attrs.get(SURPLUS)]
+    fresh = [t for t in trained if not is_retry(t)]
+    complete = [t for t in trained if t.state == TrialState.COMPLETE]
+    assert len(fresh) == N_TRIALS and len(complete) == N_TRIALS, [(t.number, t.state) for t in final]
+    lineage = {t.number: t.system_attrs.get("failed_trial", t.number) for t in complete}
+    assert sorted(lineage.values()) == sorted(t.number for t in fresh)  # one COMPLETE per fresh trial
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == N_TRIALS  # no trial trained twice
+
+    # each interrupted trial failed for a retry, and its retry went on from its checkpoint
+    by_lineage = {lineage[t.number]: t for t in complete}
+    for stopped in interrupted:
+        after = next(t for t in final if t.number == stopped.number)
+        assert after.state == TrialState.FAIL, after
+        assert "stopped by SIGTERM" in after.user_attrs.get("fail_reason", ""), after.user_attrs
+        retry = by_lineage[stopped.number]
+        assert is_retry(retry) and retry.params == stopped.params
+        assert retry.user_attrs["resumed_after_epoch"] >= checkpoint_epoch(stopped) >= 1, retry.user_attrs
