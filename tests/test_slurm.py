@@ -10,22 +10,68 @@ from its checkpoint, and the tasks that came back must end with exit code 0.
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 
 import pytest
 from optuna.trial import TrialState
 
+from studies import cli
 from studies.running.retries import is_retry
+from studies.running.worker_args import parse_worker_args
 from studies.running.worker import SURPLUS
-from tests.helpers import checkpoint_epoch, tiny_study, trials, wait_for, worker_env
+from tests.helpers import REPO, checkpoint_epoch, tiny_study, trials, wait_for, worker_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Heartbeat of storage",
-                                                           "ignore::optuna.exceptions.ExperimentalWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage", "ignore::optuna.exceptions.ExperimentalWarning")
 
 N_TRIALS = 5
 TASKS = 3
 EPOCHS = 12  # with a checkpoint after every epoch: a trial is interrupted midway
+
+
+PG = "postgresql+psycopg2://pcvit@db.example:5432/pcvit"
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"--storage": "sqlite:///storage/pcvit.db"}, "SQLite or journal file is not a storage for workers on several"),
+    ({"--storage": "storage/journal.log"}, "SQLite or journal file"),
+    ({"--storage": "postgresql+psycopg2://pcvit:secret@db/pcvit"}, "holds a password"),
+    ({"--artifact-dir": "artifacts"}, "absolute path on the shared file system"),
+    ({"--time": "two hours"}, "not a SLURM time"),
+])
+def test_a_submission_that_cannot_work_across_nodes_is_refused_with_the_reason(tmp_path, capsys, changes, words):
+    args = {"--storage": PG, "--study-file": str(REPO / "studies" / "smoke.yaml"), "--tasks": "2",
+            "--artifact-dir": str(tmp_path / "shared"), "-o": str(tmp_path / "job.sbatch"), **changes}
+    assert cli.main(["slurm", *(part for pair in args.items() for part in pair)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1 and "secret" not in err, err
+    assert not (tmp_path / "job.sbatch").exists()
+
+
+def test_worker_arguments_are_checked_before_the_script_is_written(tmp_path, capsys):
+    script = tmp_path / "job.sbatch"
+    assert cli.main(["slurm", "--storage", PG, "--study-name", "s", "--tasks", "2", "--artifact-dir",
+                     str(tmp_path), "-o", str(script), "--", "--n-trails", "3"]) == 2
+    assert "--n-trails" in capsys.readouterr().err and not script.exists()
+
+
+def test_the_script_runs_one_worker_per_gpu_with_the_workers_arguments(tmp_path):
+    script, shared = tmp_path / "job.sbatch", tmp_path / "shared"
+    assert cli.main(["slurm", "--storage", PG, "--study-file", str(REPO / "studies" / "smoke.yaml"), "--tasks", "4",
+                     "--gpus-per-task", "2", "--artifact-dir", str(shared), "--time", "1-00:00:00", "--partition",
+                     "gpu", "--sbatch-arg=--mem=32G", "-o", str(script), "--", "--n-trials", "3"]) == 0
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    for line in ("--array=0-3", "--requeue", "--open-mode=append", "--signal=B:USR1@120", "--gpus-per-task=2",
+                 "--time=1-00:00:00", "--partition=gpu", "--mem=32G", f"--output={shared}/slurm-logs/"):
+        assert f"#SBATCH {line}" in text, line
+    assert (shared / "slurm-logs").is_dir()  # SLURM opens the task's log before the script runs
+    launch = [line for line in text.splitlines() if " -m objective " in line]
+    assert len(launch) == 1 and "for ((i = 0; i < 2; i++))" in text
+    command = shlex.split(launch[0].split('"', 2)[2].rstrip(" &"))
+    args = parse_worker_args(command[command.index("objective") + 1:])  # the worker's own parser
+    assert (args.storage, args.artifact_dir, args.n_trials) == (PG, str(shared), 3)
 
 
 def task_states(slurm, job: str) -> dict[int, dict[str, str]]:
@@ -46,6 +92,7 @@ def start_now_when_pending(slurm, job: str, task: int, timeout: float) -> None:
     slurm.run("scontrol", "update", f"JobId={job}_{task}", "StartTime=now")
 
 
+@pytest.mark.slow
 def test_a_study_as_a_slurm_array_survives_requeue_cancel_and_the_time_limit(slurm, postgres_server, tmp_path):
     url = postgres_server.new_database("slurm_array")
     study_file = tiny_study(tmp_path, name="slurm-array", n_trials=N_TRIALS, controls=False,
