@@ -28,7 +28,11 @@ PARTITION = "pcvit"
 
 
 class SlurmUnavailable(RuntimeError):
-    """No cluster can be started here (binaries missing); tests skip with this."""
+    """The SLURM binaries are not installed; tests skip with this (and only this)."""
+
+
+class SlurmStartError(RuntimeError):
+    """The binaries are there but the cluster did not come up: an error, with the daemons' logs."""
 
 
 def find_binaries() -> dict[str, str]:
@@ -136,10 +140,10 @@ class SlurmCluster:
                 return
             dead = [p for p in self.processes if p.poll() is not None]
             if dead:
-                raise SlurmUnavailable(f"a SLURM daemon exited (code {dead[0].returncode}) while waiting for "
+                raise SlurmStartError(f"a SLURM daemon exited (code {dead[0].returncode}) while waiting for "
                                        f"{what}{self.log_tail()}")
             time.sleep(0.3)
-        raise SlurmUnavailable(f"timed out after {timeout} s waiting for {what}{self.log_tail()}")
+        raise SlurmStartError(f"timed out after {timeout} s waiting for {what}{self.log_tail()}")
 
     def _wait_until_idle(self, timeout: float) -> None:
         def idle() -> bool:
@@ -167,7 +171,13 @@ class SlurmCluster:
         return text
 
     def close(self) -> None:
-        """Stop the daemons (and any job processes they left) and delete the folder; safe to call twice."""
+        """Cancel what still runs, stop the daemons and delete the folder; safe to call twice."""
+        if self.processes and all(p.poll() is None for p in self.processes):
+            try:  # a failed test may leave tasks running: their workers get SIGTERM and stop
+                self.run("scancel", f"--user={pwd.getpwuid(os.geteuid()).pw_name}", check=False)
+                self._wait(lambda: not self.run("squeue", "-h", check=False).stdout.strip(), 45, "the jobs to end")
+            except (SlurmStartError, subprocess.SubprocessError, OSError):
+                pass
         for process in reversed(self.processes):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
