@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 import storage
@@ -144,7 +145,8 @@ def slurm(args: argparse.Namespace, url: str, worker_args: list[str]) -> int:
     spec = ArraySpec(storage_url=url, artifact_dir=args.artifact_dir, tasks=args.tasks, study_name=args.study_name,
                      study_file=args.study_file, gpus_per_task=args.gpus_per_task, time=args.time,
                      partition=args.partition, signal_seconds=args.signal_seconds, job_name=args.job_name,
-                     worker_args=worker_args, sbatch_args=args.sbatch_arg)
+                     worker_args=worker_args, sbatch_args=args.sbatch_arg,
+                     **({"worker_command": shlex.split(args.worker_command)} if args.worker_command else {}))
     spec.check()
     try:
         check_worker_args(["--storage", url, "--artifact-dir", args.artifact_dir, *worker_args,
@@ -228,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job-name", default="pcvit-study", help="the job's name (default pcvit-study)")
     p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                    help="a further #SBATCH line, e.g. --sbatch-arg=--mem=32G (repeatable)")
+    p.add_argument("--worker-command", metavar="COMMAND",
+                   help="how a node starts a worker (default: this Python, `-m objective`: the same environment "
+                        "must exist at the same path on every node); e.g. pcvit-worker")
     p.add_argument("-o", "--output", help="the script to write (default: JOB_NAME.sbatch)")
     p.add_argument("--submit", action="store_true", help="also submit it with sbatch")
     args = parser.parse_args(argv)

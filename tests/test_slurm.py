@@ -72,6 +72,15 @@ def test_the_script_runs_one_worker_per_gpu_with_the_workers_arguments(tmp_path)
     command = shlex.split(launch[0].split('"', 2)[2].rstrip(" &"))
     args = parse_worker_args(command[command.index("objective") + 1:])  # the worker's own parser
     assert (args.storage, args.artifact_dir, args.n_trials) == (PG, str(shared), 3)
+    assert command[:3] == [sys.executable, "-m", "objective"]
+
+
+def test_the_worker_command_can_be_the_installed_script(tmp_path):
+    script = tmp_path / "job.sbatch"
+    assert cli.main(["slurm", "--storage", PG, "--study-name", "pcvit-12block", "--tasks", "2", "--gpus-per-task",
+                     "0", "--artifact-dir", str(tmp_path), "--worker-command", "pcvit-worker", "-o", str(script)]) == 0
+    launch = [line for line in script.read_text().splitlines() if line.startswith("pcvit-worker ")]
+    assert len(launch) == 1 and "--gpus-per-task" not in script.read_text()
 
 
 def task_states(slurm, job: str) -> dict[int, dict[str, str]]:
