@@ -212,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=positive_int, default=8,
                    help="database connections the proxy holds, and its request threads (default 8)")
     p = commands.add_parser("slurm", help="write (and with --submit, submit) the sbatch script of a SLURM job "
-                                          "array of workers; worker arguments go after --")
+                                          "array of workers; worker arguments go after --",
+                            usage="pcvit-study slurm --storage URL (--study-file FILE | --study-name NAME) --tasks N "
+                                  "--artifact-dir SHARED_DIR [options] [-- WORKER ARGS]",
+                            description="Each array task runs one pcvit-worker per GPU until the study's budget "
+                                        "is spent (exit 0). Re-queued, cancelled or preempted tasks stop their "
+                                        "trials after the current batch and re-queue them; near the time limit a "
+                                        "task re-queues itself. Everything after -- goes to every worker.")
     p.add_argument("--storage", help=f"the storage every node reaches: PostgreSQL or grpc://HOST:PORT "
                                      f"(default: ${storage.URL_ENV})")
     p.add_argument("--study-name", help="the study (default: the study file's name)")

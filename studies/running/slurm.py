@@ -31,7 +31,7 @@ from pathlib import Path
 import storage
 
 DEFAULT_SIGNAL_SECONDS = 120
-_TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+")  # SLURM's --time forms: M, M:S, H:M:S, D-H, D-H:M, ...
+_TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+|unlimited|infinite", re.I)  # M, M:S, H:M:S, D-H, D-H:M, ...
 
 
 class SlurmError(storage.StorageError):
