@@ -44,7 +44,8 @@ def trial(layernorm: bool, lr: float, probes: list[float], state=TrialState.COMP
 
 def make_study(tmp_path, trials, n_trials=20, dataset="cifar10"):
     url = f"sqlite:///{tmp_path}/s.db"
-    spec = load_spec(tiny_study(tmp_path, n_trials=n_trials, space=SPACE, questions=QUESTIONS, fixed={"dataset": dataset},
+    spec = load_spec(tiny_study(tmp_path, n_trials=n_trials, space=SPACE, questions=QUESTIONS,
+                                fixed={"dataset": dataset},
                                 baseline={"value": 0.30, "label": "the 6-block best"}))
     study = join_study(storage.open_storage(url), url, "tiny", spec, sampler_seed=1)[0]
     for t in trials:

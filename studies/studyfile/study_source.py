@@ -11,7 +11,8 @@ import pathlib
 
 import optuna
 
-from studies.studyfile.spec import StudyFileError, StudySpec, did_you_mean, load_spec, spec_from_document, stored_document
+from studies.studyfile.spec import (StudyFileError, StudySpec, did_you_mean, load_spec, spec_from_document,
+                                    stored_document)
 
 PACKAGED = pathlib.Path(__file__).resolve().parents[1]  # studies/*.yaml ship with the package
 
