@@ -129,8 +129,10 @@ def test_chaos_loses_nothing_and_doubles_nothing(postgres_server, tmp_path):
           f"duplicates: {duplicates}; zombies: {len(zombies)}; live trials reaped: {len(reaped_alive)}; "
           f"retrained: {len(retrained)}; orphaned checkpoints: {len(orphans)}; wall time: {wall:.0f} s")
     print(out.splitlines()[-1 - WORKERS] if out else "launcher printed nothing")
-    for t in [t for t in final if t not in counted] + [by_number[n] for n in reaped_alive]:
-        print(f"trial {t.number}: {t.state.name}, {t.user_attrs.get('worker')}, {t.user_attrs.get('fail_reason')}")
+    for t in [t for t in final if t not in counted] + [by_number[n] for n in reaped_alive + retrained]:
+        print(f"trial {t.number}: {t.state.name}, {t.user_attrs.get('worker')}, {t.user_attrs.get('fail_reason')}, "
+              f"resumed after {t.user_attrs.get('resumed_after_epoch')}, predecessor's checkpoint "
+              f"{predecessor[t.number].user_attrs.get('checkpoint') if t.number in predecessor else None}")
 
     assert launcher.returncode == 0, out[-3000:]
     assert not plan, f"faults not injected before the study ended: {plan}"
