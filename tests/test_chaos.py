@@ -116,7 +116,9 @@ def test_chaos_loses_nothing_and_doubles_nothing(postgres_server, tmp_path):
     resumed = [t for t in retries if t.user_attrs.get("resumed_after_epoch")]
     predecessor = {t.number: by_number[t.system_attrs["retry_history"][-1]] for t in retries}
     retrained = [t.number for t in retries  # its predecessor had trained; it must have resumed after the end
-                 if (predecessor[t.number].user_attrs.get("checkpoint") or {}).get("trained")
+                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED)  # (one killed before it could load its
+                 # checkpoint trained nothing; its own retry is judged instead)
+                 and (predecessor[t.number].user_attrs.get("checkpoint") or {}).get("trained")
                  and t.user_attrs.get("resumed_after_epoch") != checkpoint_epoch(predecessor[t.number])]
     gaps = [t.number for t in retries if t.state.is_finished() and t.state != TrialState.FAIL
             and list(t.intermediate_values) != list(range(1, len(t.intermediate_values) + 1))]
