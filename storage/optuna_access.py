@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from datetime import datetime
@@ -26,6 +27,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 log = logging.getLogger("pcvit.storage")
 DB_PATIENCE_S = 600  # how long a worker keeps retrying through a database outage (a restart takes seconds)
+RETRY_WAIT_MAX_S = 3.0  # the longest pause between tries: below a study's grace period, so that a trial a worker
+#                         asked for just before an outage is claimed before the reapers judge it unclaimed
 
 
 def _db_unreachable_errors() -> tuple[type[Exception], ...]:
@@ -49,16 +52,19 @@ def retried(call: Callable[..., Any], *args: Any, patience_s: float = DB_PATIENC
     Optuna turns connection errors into StorageInternalError; SQLAlchemy's OperationalError can also
     escape. pool_pre_ping (see storage.postgres) gives the next try a fresh connection.
     """
-    deadline, wait = time.monotonic() + patience_s, 1.0
+    deadline, wait, logged = time.monotonic() + patience_s, 0.5, -math.inf
     while True:
         try:
             return call(*args, **kwargs)
         except DB_UNREACHABLE as exc:
             if time.monotonic() + wait > deadline:
                 raise
-            log.warning("database unreachable (%s); retrying in %.0f s", str(exc).splitlines()[0][:200], wait)
+            if time.monotonic() - logged >= 30:  # one line per half minute of outage, not one per try
+                log.warning("database unreachable (%s); retrying every %g s or less", str(exc).splitlines()[0][:200],
+                            RETRY_WAIT_MAX_S)
+                logged = time.monotonic()
             time.sleep(wait)
-            wait = min(wait * 2, 30.0)
+            wait = min(wait * 1.5, RETRY_WAIT_MAX_S)  # short: a worker is back within seconds of the database
 
 
 # --- the retrying storage --------------------------------------------------------------------------------
