@@ -177,11 +177,10 @@ def record_controls(trial: optuna.Trial, config: Config) -> dict[str, Any]:
     them. Only for a trial that beats the study's best so far (the best trial always has them; they cost about
     one probe each time), and not with `controls: false` in the study file."""
     controls = best_effort(f"the controls of trial {trial.number}", probe_controls, load_data(config), config)
-    if controls is None:
-        return {}
-    for key, value in controls.summary().items():
+    summary = {} if controls is None else controls.summary()
+    for key, value in summary.items():
         trial.set_user_attr(key, value)
-    return controls.summary()
+    return summary
 
 
 def result_attrs(result: RunResult) -> dict[str, Any]:

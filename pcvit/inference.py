@@ -219,6 +219,8 @@ def update_precision(model: PCViT, x: Tensor, states: States) -> None:
     precision = 1.0 / (model.node_mse_estimate + PRECISION_EPS)
     fixed_total = model.total_energy(per_node[None].float()).double()
     model.node_weights = (precision * fixed_total / ((precision * per_node).sum() + PRECISION_EPS)).float()
+
+
 ADAMW_STATES = dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)  # optax.adamw's defaults, as the original built it
 
 
@@ -237,15 +239,9 @@ def settle_states_adamw(model: PCViT, x: Tensor, states: States, steps: int, lr:
     nu = [torch.zeros_like(v) for v in h]
     for k in range(1, steps + 1):
         _, g_top, g_hidden = state_grads(model, x, States(*h))
-        g = [g_top * scale[0], g_hidden * scale[1]]
-        if grad_norm_target is not None:
-            g[0] = g[0] / (g[0].norm() + VODE_GRAD_NORM_EPS) * grad_norm_target
-            g[1] = g[1] / (torch.linalg.vector_norm(g[1], dim=(1, 2, 3), keepdim=True)
-                           + VODE_GRAD_NORM_EPS) * grad_norm_target
-        norm = torch.sqrt(g[0].square().sum() + g[1].square().sum())
-        factor = torch.where(norm >= clip_norm, clip_norm / norm, torch.ones_like(norm))
+        g = step_direction(g_top * scale[0], g_hidden * scale[1], clip_norm, grad_norm_target)[:2]
         for i in range(2):
-            gi = g[i] * factor
+            gi = g[i]
             mu[i] = b1 * mu[i] + (1 - b1) * gi
             nu[i] = b2 * nu[i] + (1 - b2) * gi.square()
             step = (mu[i] / (1 - b1 ** k)) / ((nu[i] / (1 - b2 ** k)).sqrt() + eps)

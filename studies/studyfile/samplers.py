@@ -28,11 +28,11 @@ def build_sampler(sampler: Mapping[str, Any], space: Mapping[str, dict], seed: i
     kind = sampler["type"]
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, **options)
-    if kind == "gp":
-        with warnings.catch_warnings():  # "experimental"; chosen knowingly
+    if kind in ("tpe", "gp"):
+        with warnings.catch_warnings():  # GPSampler and multivariate TPE are "experimental"; chosen knowingly
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if kind == "tpe":
+                return optuna.samplers.TPESampler(seed=seed, **options)
             return optuna.samplers.GPSampler(seed=seed, **options)
     grid = optuna.samplers.GridSampler({name: p["choices"] for name, p in space.items()}, seed=GRID_ORDER_SEED)
     grid.reseed_rng()  # the same order everywhere, this worker's own choice among the points not yet run
@@ -95,4 +95,3 @@ def model_based_sampler(space: dict[str, dict]) -> tuple[dict[str, Any], str]:
     also = f" and {len(categorical)} categorical" if categorical else ""
     return {"type": "gp"}, (f"GP (W&B's bayes is Gaussian-process optimisation): the space is {numeric} numeric "
                             f"range(s){also}, which a GP models well")
-
