@@ -26,7 +26,7 @@ import optuna
 from storage import StorageError, mask_password
 from storage.optuna_access import study_id, study_system_attrs
 from studies.running.reaper import StalenessWatch, reap_once
-from studies.studyfile.spec import StudyFileError, spec_from_document, stored_document
+from studies.studyfile.spec import StudyFileError, stored_spec
 
 log = logging.getLogger("pcvit.proxy")
 MARK = "pcvit:proxy_reaper"  # study system attr: {"by": host:pid, "count": n}, raised every MARK_EVERY_S
@@ -40,6 +40,7 @@ class ProxyReaper:
     def __init__(self, storage: Any) -> None:
         self.storage = storage  # direct RDBStorage (not the proxy): locks and conditional writes work
         self.watches: dict[int, StalenessWatch] = {}
+        self.specs: dict[int, Any] = {}  # study id -> its stored study file, checked once (it never changes)
         self.last_reap: dict[int, float] = {}
         self.count = 0
         self.reaped: list[tuple[str, int]] = []
@@ -76,15 +77,17 @@ class ProxyReaper:
         mark = {"by": f"{socket.gethostname()}:{os.getpid()}", "count": self.count}
         for frozen in self.storage.get_all_studies():
             study = optuna.load_study(study_name=frozen.study_name, storage=self.storage)
-            document, _ = stored_document(study)
-            if document is None:
-                continue  # not a pcvit study (or no worker has joined it yet)
-            try:
-                spec = spec_from_document(document, f"study {frozen.study_name!r}")
-            except StudyFileError as exc:
-                log.warning("%s", exc)
-                continue
             sid = study_id(study)
+            if sid not in self.specs:  # a study's file is checked once, not every round
+                try:
+                    self.specs[sid] = stored_spec(study, f"study {frozen.study_name!r}")
+                except StudyFileError as exc:
+                    log.warning("%s", exc)
+                    continue
+            spec = self.specs[sid]
+            if spec is None:
+                self.specs.pop(sid)  # not a pcvit study, or no worker has joined it yet: look again next round
+                continue
             self.storage.set_study_system_attr(sid, MARK, mark)
             if now - self.last_reap.get(sid, -float("inf")) < spec.heartbeat_interval:
                 continue

@@ -52,8 +52,8 @@ from studies.running.retries import (fail_for_retry, is_retry, lineage, lineage_
                                      repair_missing_retries, requeue)
 from studies.running.stopping import SignalGuard, WorkerStopped
 from studies.studyfile.study_source import resolve_spec
-from studies.studyfile.spec import (StudyFileError, StudySpec, canonical, spec_diff, spec_from_document, store_document,
-                                    stored_document)
+from studies.studyfile.spec import (StudyFileError, StudySpec, canonical, spec_diff, store_document, stored_document,
+                                    stored_spec)
 
 log = logging.getLogger("pcvit.worker")
 SURPLUS = "pcvit:surplus"  # system attr of a trial created beyond the budget by a concurrent ask
@@ -109,10 +109,9 @@ def open_existing_study(url: str, name: str) -> tuple[optuna.Study, StudySpec]:
         study = optuna.load_study(study_name=name, storage=storage.open_storage(url))
     except KeyError:
         raise StudyFileError(f"{where} does not exist") from None
-    document, text = stored_document(study)
-    if document is None:
+    spec = stored_spec(study, where)
+    if spec is None:
         raise StudyFileError(f"{where} has no stored study file: no pcvit-worker has joined it yet")
-    spec = spec_from_document(document, where, text)
     use_heartbeats(study, spec.heartbeat_interval, spec.grace_period)
     return study, spec
 

@@ -264,6 +264,13 @@ def stored_document(study: Any) -> tuple[dict[str, Any] | None, str]:
     return study.user_attrs.get(SPEC_ATTR), study.user_attrs.get(TEXT_ATTR, "") if SPEC_ATTR in study.user_attrs else ""
 
 
+def stored_spec(study: Any, source: str) -> "StudySpec | None":
+    """The study file stored with `study`, checked as any study file (`source` names it in messages); None when
+    no worker has stored one yet."""
+    document, text = stored_document(study)
+    return None if document is None else spec_from_document(document, source, text)
+
+
 def store_document(study: Any, spec: "StudySpec") -> None:
     """Store `spec` with `study` (system attributes), and its file's name as a short user attribute."""
     from storage.optuna_access import set_study_system_attr

@@ -11,8 +11,7 @@ import pathlib
 
 import optuna
 
-from studies.studyfile.spec import (StudyFileError, StudySpec, did_you_mean, load_spec, spec_from_document,
-                                    stored_document)
+from studies.studyfile.spec import StudyFileError, StudySpec, did_you_mean, load_spec, stored_spec
 
 PACKAGED = pathlib.Path(__file__).resolve().parents[1]  # studies/*.yaml ship with the package
 
@@ -27,9 +26,9 @@ def resolve_spec(study: optuna.Study | None, name: str | None, where: str) -> St
     StudyFileError says which --study-file to pass. `where` names the study and its storage for messages."""
     if not name:
         raise StudyFileError("give --study-name NAME or --study-file FILE")
-    document, text = stored_document(study) if study is not None else (None, "")
-    if document is not None:
-        return spec_from_document(document, f"the study file stored with {where}", text)
+    spec = stored_spec(study, f"the study file stored with {where}") if study is not None else None
+    if spec is not None:
+        return spec
     packaged = packaged_file(name)
     if packaged is not None:
         return load_spec(packaged)
