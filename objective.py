@@ -42,7 +42,7 @@ from pcvit import Config, DatasetError, Listener, RunResult, StopReason, load_da
 from pcvit.listeners import significant
 from storage.optuna_access import DB_PATIENCE_S, retrying, set_system_attr, stored_trial, study_id, trial_id
 from storage.checkpoints import CheckpointFiles
-from studies.running import retries
+from studies.running import records, retries
 from studies.results.curves import save_curves
 from studies.results.dashboard_notes import save_note, trial_note, update_study_note
 from studies.studyfile.samplers import new_sampler_seed
@@ -99,7 +99,7 @@ def trial_config(trial: optuna.Trial, spec: StudySpec) -> Config:
     values = suggest_config(trial, spec)
     config = Config.from_dict({**values, "seed": values.get("seed", trial.user_attrs.get("seed",
                                                                                         secrets.randbelow(2**31)))})
-    trial.set_user_attr("seed", config.seed)
+    records.put(trial, "seed", config.seed)
     return config
 
 
@@ -118,7 +118,7 @@ def trial_listeners(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoint
 
 def load_resume_point(trial: optuna.Trial, checkpoints: CheckpointFiles) -> dict[str, Any] | None:
     """The checkpoint a retried trial goes on from (None: start afresh)."""
-    checkpoint = trial.user_attrs.get(retries.CHECKPOINT)
+    checkpoint = records.record(trial).get(retries.CHECKPOINT)
     if not checkpoint:
         return None
     try:
@@ -126,7 +126,7 @@ def load_resume_point(trial: optuna.Trial, checkpoints: CheckpointFiles) -> dict
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("trial %d: checkpoint unreadable (%s); starting from epoch 0", trial.number, exc)
         return None
-    trial.set_user_attr("resumed_after_epoch", resume["epoch"])
+    records.put(trial, "resumed_after_epoch", resume["epoch"])
     if checkpoint.get("trained"):
         log.info("trial %d was trained by an earlier attempt; recording its result without training again",
                  trial.number)
@@ -150,13 +150,10 @@ def record_result(trial: optuna.Trial, result: RunResult) -> dict[str, Any]:
     """The per-trial record: the run's summary, divergence, and the versions that produced it. Returns the
     rounded summary (`result_attrs`) it stored."""
     summary = result_attrs(result)
-    for key in RESULT_ATTRS:
-        trial.set_user_attr(key, summary[key])
-    if result.diverged:
-        trial.set_user_attr("reason", result.stop_detail)
-        trial.set_user_attr("epoch", result.divergence_epoch)
+    for key in RESULT_ATTRS:  # a few shown to people, the rest kept as system attributes (`records`)
+        records.put(trial, key, summary[key])
     set_system_attr(trial.study, trial, NODE_DIAGNOSTICS, summary["node_diagnostics"])  # per epoch: metrics.jsonl
-    trial.set_user_attr("versions", " · ".join(f"{k} {v}" for k, v in package_versions().items()))  # wraps
+    records.put(trial, "versions", " · ".join(f"{k} {v}" for k, v in package_versions().items()))
     return summary
 
 
@@ -179,7 +176,7 @@ def record_controls(trial: optuna.Trial, config: Config) -> dict[str, Any]:
     controls = best_effort(f"the controls of trial {trial.number}", probe_controls, load_data(config), config)
     summary = {} if controls is None else controls.summary()
     for key, value in summary.items():
-        trial.set_user_attr(key, value)
+        records.put(trial, key, value)
     return summary
 
 
@@ -195,7 +192,7 @@ def _note_trial(trial: optuna.Trial, summary: dict[str, Any], history: list[dict
     """A few lines on the trial's page in optuna-dashboard: what happened, and its pictures at full size (the
     artifact list shows thumbnails only); a convenience: failures only warn."""
     best_effort(f"the note of trial {trial.number}", save_note, trial,
-                trial_note(trial.number, {**summary, "history": history}, trial.user_attrs.get("resumed_after_epoch"),
+                trial_note(trial.number, {**summary, "history": history}, records.record(trial).get("resumed_after_epoch"),
                            pictures))
 
 
@@ -209,7 +206,7 @@ class OptunaListener(Listener):
         frozen = stored_trial(trial.study, trial)
         self.reported = set(frozen.intermediate_values)  # a retry's earlier reports
         self.lineage = retries.lineage(study_id(trial.study), frozen)
-        self.checkpoint = trial.user_attrs.get(retries.CHECKPOINT) or {}
+        self.checkpoint = records.record(trial).get(retries.CHECKPOINT) or {}
         self.pictures: dict[str, str] = {}  # file name -> the dashboard's URL of the uploaded image
 
     def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
@@ -253,7 +250,7 @@ class OptunaListener(Listener):
         if new_id is None:
             return
         self.checkpoint = {"id": new_id, "epoch": epoch, "trained": trained}
-        self.trial.set_user_attr(retries.CHECKPOINT, self.checkpoint)
+        records.put(self.trial, retries.CHECKPOINT, self.checkpoint)
         self.checkpoints.remove_lineage(self.lineage, keep=new_id)  # only the latest is ever needed
 
     def upload(self, path: Path) -> None:
@@ -328,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     guard = SignalGuard()  # the worker's: installed by its loop, heard by each trial's training run
 
     def run_objective(trial: optuna.Trial) -> float:
-        if "sampler_seed" not in trial.user_attrs:  # a retry keeps the seed that sampled its params
-            trial.set_user_attr("sampler_seed", sampler_seed)
+        if "sampler_seed" not in records.record(trial):  # a retry keeps the seed that sampled its params
+            records.put(trial, "sampler_seed", sampler_seed)
         try:
             return objective(trial, spec, store, checkpoints, args.wandb, guard)
         finally:

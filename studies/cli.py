@@ -6,13 +6,14 @@
     pcvit-study report --storage URL --study-name NAME [--format markdown|json] [--to-dashboard]
     pcvit-study show-config --storage URL --study-name NAME 17 > trial17.yaml   # for pcvit-train --config
     pcvit-study replay --storage URL --study-name NAME 17 [pcvit-train args]   # re-run trial 17 exactly
+    pcvit-study show-trial --storage URL --study-name NAME 17   # its whole record (checkpoint, versions, ...) as JSON
     pcvit-study focus --storage URL --study-name NAME --n-trials 100 -o FILE [--into NEW]   # the follow-up study
     pcvit-study proxy --storage postgresql+psycopg2://... [--host 0.0.0.0] [--port 13000] [--connections 8]
     pcvit-study slurm --storage URL --study-file FILE --tasks 8 --artifact-dir /shared/pcvit [--submit] [-- ARGS]
 
 Exit codes: 0 fine, 2 bad input (an invalid study file, a study or storage that does not exist, bad usage),
-with one line naming the file or argument; replay: pcvit-train's. `reap`, `report`, `show-config` and `replay`
-only read (`report --to-dashboard` writes the study's note): they never create a database.
+with one line naming the file or argument; replay: pcvit-train's. `reap`, `report`, `show-config`, `show-trial`
+and `replay` only read (`report --to-dashboard` writes the study's note): they never create a database.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ def show_config(url: str, name: str, number: int) -> int:
     from studies.results.replay import config_yaml
 
     print(config_yaml(url, name, number), end="")
+    return 0
+
+
+def show_trial(url: str, name: str, number: int) -> int:
+    from studies.results.replay import trial_record_json
+
+    print(trial_record_json(url, name, number), end="")
     return 0
 
 
@@ -191,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--to-dashboard", action="store_true",
                            help="also write the report into the study's note in optuna-dashboard")
     for name, text in (("show-config", "print a trial's config as YAML for pcvit-train --config"),
+                       ("show-trial", "print a trial's whole record as JSON (user and pcvit: system attributes)"),
                        ("replay", "re-run a trial exactly with pcvit-train (further arguments go to pcvit-train)")):
         p = commands.add_parser(name, help=text)
         p.add_argument("--storage", help=f"storage URL (default: ${storage.URL_ENV} or {storage.DEFAULT_URL})")
@@ -250,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         url = storage.resolve_url(args.storage)
         if args.command == "show-config":
             return show_config(url, args.study_name, args.number)
+        if args.command == "show-trial":
+            return show_trial(url, args.study_name, args.number)
         if args.command == "replay":
             return replay(url, args.study_name, args.number, args.train_args)
         if args.command == "reap":

@@ -24,6 +24,7 @@ import yaml
 
 from pcvit import Config, PCViT, States
 from pcvit.inference import init_states
+from studies.running.records import record
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -158,7 +159,7 @@ def run_workers_to_the_end(url: str, study_file: pathlib.Path, folder: pathlib.P
 
 def checkpoint_epoch(trial: optuna.trial.FrozenTrial) -> int:
     """The epoch of the trial's latest checkpoint, 0 without one."""
-    return (trial.user_attrs.get("checkpoint") or {}).get("epoch", 0)
+    return (record(trial).get("checkpoint") or {}).get("epoch", 0)
 
 
 def running_trial_with_checkpoint(url: str, name: str, min_epoch: int = 1) -> optuna.trial.FrozenTrial | None:

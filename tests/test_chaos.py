@@ -24,6 +24,7 @@ from studies.results.report import outcome_trials
 from studies.running.retries import RETRY_REASON
 from studies.running.worker import SURPLUS
 from tests.helpers import REPO, checkpoint_epoch, tiny_study, worker_env
+from studies.running.records import record
 
 WORKERS, TRIALS, EPOCHS, GRACE = 6, 40, 3, 4
 SIGNALS = [signal.SIGKILL, signal.SIGTERM] * 3  # six worker faults, in random order
@@ -118,7 +119,7 @@ def test_chaos_loses_nothing_and_doubles_nothing(postgres_server, tmp_path):
     retrained = [t.number for t in retries  # its predecessor had trained; it must have resumed after the end
                  if t.state in (TrialState.COMPLETE, TrialState.PRUNED)  # (one killed before it could load its
                  # checkpoint trained nothing; its own retry is judged instead)
-                 and (predecessor[t.number].user_attrs.get("checkpoint") or {}).get("trained")
+                 and (record(predecessor[t.number]).get("checkpoint") or {}).get("trained")
                  and t.user_attrs.get("resumed_after_epoch") != checkpoint_epoch(predecessor[t.number])]
     gaps = [t.number for t in retries if t.state.is_finished() and t.state != TrialState.FAIL
             and list(t.intermediate_values) != list(range(1, len(t.intermediate_values) + 1))]

@@ -49,6 +49,7 @@ def rendered_images(driver) -> dict[str, int]:
 
 
 def page_width(driver) -> int:
+    """The page's full width in CSS pixels: above the window's (1,280) it scrolls sideways."""
     return driver.execute_script("return document.documentElement.scrollWidth")
 
 
@@ -64,5 +65,10 @@ def test_the_note_curves_and_reconstruction_render_in_a_browser(tmp_path, one_th
         images = wait_for(lambda: (i := rendered_images(browser)) and i.get("curves.png") and
                           i.get("reconstruction_epoch003.png") and i, 60, "the trial's images to load")
         assert images["curves.png"] >= 600 and images["reconstruction_epoch003.png"] >= 600  # as shown, not as stored
-        assert page_width(browser) <= 1440  # the trial page fits a 1440-pixel screen (it was 2,067 px wide)
         browser.save_screenshot(str(tmp_path / "trial.png"))
+        assert page_width(browser) <= 1280, "the trial page scrolls sideways (it was 2,067 px, then 1,404 px wide)"
+        pages = {"": "tiny", "studies/1": "tiny", "studies/1/note": "Success targets", "studies/1/analytics": "tiny",
+                 "studies/1/trialTable": "tiny"}
+        for page, needle in pages.items():  # no page of the dashboard scrolls sideways in a 1,280-pixel window
+            page_text(browser, f"{base}/dashboard/{page}", needle)
+            assert page_width(browser) <= 1280, f"/dashboard/{page} is {page_width(browser)} px wide"

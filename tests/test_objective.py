@@ -25,6 +25,7 @@ from studies.results.replay import trial_config
 from studies.studyfile.spec import load_spec, stored_document
 from studies.running.worker import run_worker
 from tests.helpers import TINY_SPACE, run_workers_to_the_end, tiny_study, worker_env
+from studies.running.records import SHOWN, record
 
 OPTUNA_CLI = str(pathlib.Path(sys.executable).parent / "optuna")
 RECORD = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run", "stop_reason",
@@ -65,11 +66,12 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
         assert 0.05 <= t.params["peak_lr_hidden"] <= 0.11
         assert list(t.intermediate_values) == [1, 2, 3]  # one report per probe, every epoch
         assert t.value == max(t.intermediate_values.values()) == t.user_attrs["best_probe_accuracy"]
-        assert set(RECORD) <= set(t.user_attrs) and t.user_attrs["epochs_run"] == 3
-        assert all(f"{name} " in t.user_attrs["versions"] for name in ("torch", "optuna", "python", "code"))
+        assert set(RECORD) <= set(record(t)) and t.user_attrs["epochs_run"] == 3
+        assert set(t.user_attrs) <= set(SHOWN)  # the rest is kept out of `optuna trials` and the dashboard's lines
+        assert all(f"{name} " in record(t)["versions"] for name in ("torch", "optuna", "python", "code"))
         assert set(t.system_attrs[objective.NODE_DIAGNOSTICS]) >= {"node_energy", "state_rms", "grad_norm"}
-        assert t.user_attrs["seed"] == 10 and t.user_attrs["checkpoint"]["trained"]
-        assert t.user_attrs["best_train_mse"] == float(f"{t.user_attrs['best_train_mse']:.4g}")
+        assert t.user_attrs["seed"] == 10 and record(t)["checkpoint"]["trained"]
+        assert record(t)["best_train_mse"] == float(f"{record(t)['best_train_mse']:.4g}")
         assert t.value == float(f"{t.value:.6g}")
         note = get_note(optuna.Trial(study, t._trial_id))
         assert note.startswith(f"### Trial {t.number}: completed") and "best probe accuracy" in note
@@ -178,7 +180,7 @@ def test_pruner_stops_a_clearly_bad_trial_and_keeps_a_good_one(tmp_path):
     pruned = load(url).trials[2]
     assert len(pruned.intermediate_values) < 4 and pruned.user_attrs["stop_reason"] == "pruned"
     controls = {"untrained_baseline", "pca_baseline", "raw_patch_baseline", "pca_components"}
-    assert controls <= set(load(url).trials[0].user_attrs) and not controls & set(pruned.user_attrs)
+    assert controls <= set(record(load(url).trials[0])) and not controls & set(record(pruned))
     note = get_note(optuna.Trial(load(url), pruned._trial_id))
     epoch = max(pruned.intermediate_values)
     assert note.startswith(f"### Trial 2: pruned (the pruner stopped it after epoch {epoch})\n"), note
@@ -194,14 +196,13 @@ def test_diverged_trial_keeps_its_probe_or_is_pruned_without_one_and_the_worker_
         study.enqueue_trial({"peak_lr_weights": lr})
     assert run_main(url, study_file, tmp_path / "art") == 0
     after_probe, before_probe, fine = load(url).trials
-    assert after_probe.state == TrialState.COMPLETE and after_probe.user_attrs["divergence_epoch"] == 2
+    assert after_probe.state == TrialState.COMPLETE and record(after_probe)["divergence_epoch"] == 2
     assert after_probe.value == after_probe.user_attrs["best_probe_accuracy"] == after_probe.intermediate_values[1]
-    assert before_probe.state == TrialState.PRUNED and before_probe.user_attrs["divergence_epoch"] == 1
+    assert before_probe.state == TrialState.PRUNED and record(before_probe)["divergence_epoch"] == 1
     for diverged in (after_probe, before_probe):
-        assert diverged.user_attrs["diverged"] is True and diverged.user_attrs["stop_reason"] == "diverged"
-        assert diverged.user_attrs["epoch"] == diverged.user_attrs["divergence_epoch"]
-        assert "non-finite" in diverged.user_attrs["reason"]
-    assert fine.state == TrialState.COMPLETE and fine.user_attrs["diverged"] is False
+        assert record(diverged)["diverged"] is True and diverged.user_attrs["stop_reason"] == "diverged"
+        assert "non-finite" in record(diverged)["stop_detail"]
+    assert fine.state == TrialState.COMPLETE and record(fine)["diverged"] is False
 
 
 def test_out_of_memory_fails_the_trial_with_its_reason_and_the_worker_goes_on(tmp_path):
@@ -240,7 +241,7 @@ def test_two_workers_share_one_journal_file_within_the_budget(tmp_path):
     assert all(t.state == TrialState.FAIL and "epochs_run" not in t.user_attrs for t in done if t not in trained)
     assert len({json.dumps(t.params, sort_keys=True) for t in trained}) == 5
     assert len({t.user_attrs["worker"] for t in trained}) == 2  # 3 trials at most each: both took part
-    assert len({t.user_attrs["sampler_seed"] for t in trained}) == 2  # each with its own sampler seed
+    assert len({record(t)["sampler_seed"] for t in trained}) == 2  # each with its own sampler seed
 
 
 def test_budget_check_after_ask_fails_surplus_trials(tmp_path):
@@ -308,7 +309,7 @@ def test_two_worker_processes_run_every_grid_point_exactly_once(tmp_path):
     points = sorted(tuple(t.params[name] for name in space) for t in trained if t.state == TrialState.COMPLETE)
     assert points == sorted(itertools.product(*(p["choices"] for p in space.values())))  # each once, none missing
     assert len({t.user_attrs["worker"] for t in trained}) == 2  # both drew points
-    assert len({t.user_attrs["sampler_seed"] for t in trained}) == 2  # each worker its own seed, one grid order
+    assert len({record(t)["sampler_seed"] for t in trained}) == 2  # each worker its own seed, one grid order
 
 
 def test_a_gp_study_runs_its_modelled_trials_in_the_worker(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 
 import objective
 import storage
+from studies.running.records import record
 from studies.studyfile.spec import StudyFileError
 from studies.studyfile.study_source import resolve_spec
 from tests.helpers import REPO, tiny_study, worker_env
@@ -52,6 +53,7 @@ def test_a_packaged_study_needs_only_its_name():
 
 
 LONGEST_LINE = 400  # characters of the `optuna studies` table for a normal study (the study file is not in it)
+LONGEST_TRIAL_LINE = 600  # `optuna trials`: params (full floats) and the short user attributes (`records.SHOWN`)
 
 
 def test_optuna_storage_is_shared_with_optunas_cli_for_a_journal_file(tmp_path):
@@ -65,8 +67,12 @@ def test_optuna_storage_is_shared_with_optunas_cli_for_a_journal_file(tmp_path):
     assert worker.returncode == 0, worker.stderr[-3000:]
     shown = run([str(BIN / "optuna"), "trials", "--study-name", "tiny", "-f", "json"], env)
     assert json.loads(shown.stdout)[0]["state"] == "COMPLETE", shown.stderr
-    table = run([str(BIN / "optuna"), "studies"], env)  # the table Optuna users look at first stays readable
-    widest = max(len(line) for line in table.stdout.splitlines())
-    assert widest < LONGEST_LINE, f"optuna studies: a line of {widest} characters\n{table.stdout[:3000]}"
+    for command, limit in ((["studies"], LONGEST_LINE), (["trials", "--study-name", "tiny"], LONGEST_TRIAL_LINE)):
+        table = run([str(BIN / "optuna"), *command], env)  # the tables Optuna users look at first stay readable
+        widest = max(len(line) for line in table.stdout.splitlines())
+        print(f"optuna {command[0]}: widest line {widest} characters")
+        assert widest < limit, f"optuna {command[0]}: a line of {widest} characters\n{table.stdout[:3000]}"
+    (trial,) = optuna.load_study(study_name="tiny", storage=storage.open_storage(str(journal))).trials
+    assert "checkpoint" in record(trial) and "untrained_baseline" in trial.user_attrs  # kept, out of the table
     report = run([str(BIN / "pcvit-study"), "report", "--study-name", "tiny", "--format", "json"], env)
     assert json.loads(report.stdout)["trials"] == 1, report.stderr

@@ -25,6 +25,7 @@ from studies.results.replay import trial_config
 from studies.results.report import outcome_trials
 from studies.studyfile.spec import load_spec
 from studies.running.worker import join_study
+from studies.running.records import record
 from tests.helpers import (checkpoint_epoch, finish, run_workers_to_the_end, running_trial_with_checkpoint,
                            start_worker, tiny_study, trials, wait_for)
 
@@ -134,8 +135,8 @@ def test_a_trained_trial_killed_before_its_result_was_stored_is_recorded_not_ret
     files = CheckpointFiles(art)
     value = objective.objective(trial, spec, storage.artifact_store(str(art)), files)  # trained; never told
     trained = study._storage.get_trial(trial._trial_id)
-    assert trained.state == TrialState.RUNNING and trained.user_attrs["checkpoint"]["trained"]
-    assert files.ids() == [trained.user_attrs["checkpoint"]["id"]]  # kept until the result is stored
+    assert trained.state == TrialState.RUNNING and record(trained)["checkpoint"]["trained"]
+    assert files.ids() == [record(trained)["checkpoint"]["id"]]  # kept until the result is stored
     assert fail_for_retry(study, trained, "test: killed after training")
     requeue(study, study._storage.get_trial(trial._trial_id), spec.max_retries, "test: killed after training")
 
@@ -171,7 +172,7 @@ def test_four_workers_hold_the_budget_on_postgresql(postgres_server, tmp_path):
     assert len({json.dumps(t.params, sort_keys=True) for t in trained}) == 20
     assert not [t for t in done if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert len({t.user_attrs["worker"] for t in trained}) == 4  # 6 trials at most each: all took part
-    assert len({t.user_attrs["sampler_seed"] for t in trained}) == 4  # each with its own sampler seed
+    assert len({record(t)["sampler_seed"] for t in trained}) == 4  # each with its own sampler seed
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from studies import cli
 from studies.studyfile.spec import NO_EFFECT, StudyFileError, load_spec
 from studies.studyfile.wandb_import import import_sweep
 from tests.helpers import REPO, finish, start_worker, tiny_study, trials, worker_env
+from studies.running.records import record
 
 SWEEP = REPO / "tests/data/sweep_12block_comprehensive.yaml"
 
@@ -193,7 +194,7 @@ def test_trial_is_logged_as_an_offline_wandb_run(tmp_path):
     worker = start_worker(url, study, tmp_path / "art", log, "--wandb", "pcvit-tests", env=env)
     assert finish(worker, 240, log) == 0, log.read_text()[-3000:]
     (trial,) = trials(url, "tiny")
-    run_id = trial.user_attrs["wandb_run_id"]
+    run_id = record(trial)["wandb_run_id"]
     assert trial.user_attrs["wandb_url"].startswith("offline: ")
     (log_file,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
     records = list(wandb_records(log_file))

@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 
+from studies.running.records import glossary
 from studies.studyfile.spec import StudySpec
 
 log = logging.getLogger("pcvit.notes")
@@ -28,7 +29,10 @@ def study_note(spec: StudySpec, report_markdown: str) -> str:
     if spec.questions:
         lines += ["Questions:", ""] + [f"{i}. {q['question']} ({', '.join(q['params'])})"
                                        for i, q in enumerate(spec.questions, 1)] + [""]
-    lines += [report_markdown.rstrip(), "", "## The study file", ""]
+    lines += [report_markdown.rstrip(), "", "## What a trial's attributes mean", ""] + glossary()
+    lines += ["", "The rest of each trial's record (checkpoint, versions, MSEs, device) is kept in its `pcvit:` "
+              "system attributes: `pcvit-study show-trial --study-name NAME N` prints it.", "",
+              "## The study file", ""]
     text = spec.text or _yaml_of(spec.document)
     lines += ["```yaml", text.rstrip(), "```", ""]
     return "\n".join(lines)

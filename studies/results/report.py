@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pcvit.config import Config
 from studies.results.report_stats import quartiles, rank_sum_p, spearman, spearman_p
+from studies.running.records import record
 from studies.running.retries import is_retry
 from studies.studyfile.spec import StudySpec, param_value
 from studies.running.worker import SURPLUS
@@ -57,7 +58,7 @@ def trial_measure(trial: FrozenTrial, metric: str, maximize: bool) -> float | No
     reported = [v for v in map(_number, trial.intermediate_values.values()) if v is not None]
     if metric.startswith("best_") and reported:
         return (max if maximize else min)(reported)
-    value = trial.value if trial.state == TrialState.COMPLETE else trial.user_attrs.get(metric)
+    value = trial.value if trial.state == TrialState.COMPLETE else record(trial).get(metric)
     value = _number(value)
     if value is None and reported:
         return reported[-1]
@@ -93,8 +94,8 @@ def group_summary(label: str, members: list[FrozenTrial], metric: str, maximize:
     row: dict[str, Any] = {
         "value": label, "trials": len(members),
         "completed": sum(t.state == TrialState.COMPLETE for t in members),
-        "pruned": sum(t.state == TrialState.PRUNED and not t.user_attrs.get("diverged") for t in members),
-        "diverged": sum(bool(t.user_attrs.get("diverged")) for t in members),
+        "pruned": sum(t.state == TrialState.PRUNED and not record(t).get("diverged") for t in members),
+        "diverged": sum(bool(record(t).get("diverged")) for t in members),
         "failed": sum(t.state == TrialState.FAIL for t in members),
         "measured": len(measures), "median": None, "q1": None, "q3": None, "best": None,
     }
@@ -142,7 +143,7 @@ def verdict(rows: list[dict], maximize: bool) -> dict[str, Any]:
 def compute_summary(trials: list[FrozenTrial], n_trials: int) -> dict[str, Any]:
     """Wall time spent (sum over trials), GPU-hours (trials on a CUDA device), and the projection to the budget."""
     def seconds(t: FrozenTrial) -> float:
-        recorded = _number(t.user_attrs.get("wall_time_s"))
+        recorded = _number(record(t).get("wall_time_s"))
         if recorded is not None:
             return recorded
         if t.datetime_start and t.datetime_complete:
@@ -151,7 +152,7 @@ def compute_summary(trials: list[FrozenTrial], n_trials: int) -> dict[str, Any]:
 
     finished = [t for t in trials if t.state.is_finished()]
     spent = sum(seconds(t) for t in finished)
-    gpu = sum(seconds(t) for t in finished if str(t.user_attrs.get("device", "")).startswith("cuda"))
+    gpu = sum(seconds(t) for t in finished if str(record(t).get("device", "")).startswith("cuda"))
     per_trial = spent / len(finished) if finished else None
     remaining = max(0, n_trials - len(finished))
     projected = spent + per_trial * remaining if per_trial is not None else None
@@ -167,12 +168,12 @@ def success_summary(trials: list[FrozenTrial], spec: StudySpec) -> list[dict[str
     lines = []
     dataset = spec.fixed.get("dataset", Config.dataset)
     for key, attr, threshold, below, text in TARGETS if dataset == TARGETS_DATASET else ():
-        values = [v for v in (_number(t.user_attrs.get(attr)) for t in trials) if v is not None]
+        values = [v for v in (_number(record(t).get(attr)) for t in trials) if v is not None]
         hits = [v for v in values if (v < threshold if below else v > threshold)]
         best = (min if below else max)(values) if values else None
         lines.append({"target": key, "text": text, "met": bool(hits), "trials_meeting": len(hits),
                       "trials_measured": len(values), "best": best})
-    diverged = sum(bool(t.user_attrs.get("diverged")) for t in trials)
+    diverged = sum(bool(record(t).get("diverged")) for t in trials)
     rate = diverged / len(trials) if trials else None
     lines.append({"target": "divergence", "text": "diverged trials < 20% (secondary)",
                   "met": rate is not None and rate < MAX_DIVERGED, "trials_meeting": len(trials) - diverged,
@@ -180,7 +181,7 @@ def success_summary(trials: list[FrozenTrial], spec: StudySpec) -> list[dict[str
     baseline = spec.baseline
     if baseline:
         maximize = spec.direction == "maximize"
-        values = [v for v in (_number(t.user_attrs.get(spec.metric)) for t in trials) if v is not None]
+        values = [v for v in (_number(record(t).get(spec.metric)) for t in trials) if v is not None]
         best = (max if maximize else min)(values) if values else None
         beats = best is not None and (best > baseline["value"] if maximize else best < baseline["value"])
         lines.append({"target": "baseline", "text": f"{spec.metric} against {baseline['label']} "
@@ -196,9 +197,10 @@ CONTROL_ATTRS = {"untrained_baseline": "the same network untrained", "pca_baseli
 
 def controls_of(trial: FrozenTrial) -> dict[str, Any]:
     """The trial's probed controls (`pcvit.controls`) as {attribute: accuracy}, plus `pca_components`."""
-    found = {key: trial.user_attrs[key] for key in CONTROL_ATTRS if key in trial.user_attrs}
-    if found and "pca_components" in trial.user_attrs:
-        found["pca_components"] = trial.user_attrs["pca_components"]
+    kept = record(trial)
+    found = {key: kept[key] for key in CONTROL_ATTRS if key in kept}
+    if found and "pca_components" in kept:
+        found["pca_components"] = kept["pca_components"]
     return found
 
 
@@ -220,7 +222,7 @@ def study_summary(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
         "budget": spec.n_trials, "trials": len(trials),
         "states": {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState
                    if any(t.state == s for t in trials)},
-        "diverged": sum(bool(t.user_attrs.get("diverged")) for t in trials),
+        "diverged": sum(bool(record(t).get("diverged")) for t in trials),
         "best_trial": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
                                                  "controls": controls_of(best)},
         "success": success_summary(trials, spec),

@@ -21,12 +21,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from storage.locks import storage_lock
 from storage.optuna_access import fail_if_running, set_system_attr, set_user_attr
+from studies.running.records import PREFIX, SHOWN, record
 from studies.studyfile.spec import stored_document
 
 log = logging.getLogger("pcvit.retries")
 
-CHECKPOINT = "checkpoint"  # user attr {"id", "epoch", "trained"}: the latest checkpoint, written in one call
-INHERITED = ("seed", "sampler_seed", CHECKPOINT)  # user attrs a retry keeps
+CHECKPOINT = "checkpoint"  # {"id", "epoch", "trained"}: the latest checkpoint, written in one call (`records`)
+INHERITED = ("seed", "sampler_seed", CHECKPOINT)  # kept by a retry
 RETRY_REASON = "pcvit:retry_reason"  # system attr: this trial is to be retried, and why
 
 
@@ -66,7 +67,7 @@ def requeue(study: optuna.Study, failed: FrozenTrial, max_retries: int, reason: 
         if retry_of(study, failed.number) is not None:
             return None
         study.add_trial(retry_template(failed, history, reason))
-    checkpoint = failed.user_attrs.get(CHECKPOINT) or {}
+    checkpoint = record(failed).get(CHECKPOINT) or {}
     log.warning("%s; re-queued (retry %d of %d, resuming after epoch %d)", reason, len(history), max_retries,
                 checkpoint.get("epoch", 0))
     return len(history)
@@ -81,9 +82,11 @@ def retry_of(study: optuna.Study, number: int) -> FrozenTrial | None:
 
 def retry_template(failed: FrozenTrial, history: list[int], reason: str) -> FrozenTrial:
     """The WAITING copy of `failed` that resumes from its checkpoint (with the reports and images up to it)."""
-    checkpoint = failed.user_attrs.get(CHECKPOINT) or {}
-    resume_epoch = checkpoint.get("epoch", 0)
-    system_attrs = {"failed_trial": history[0], "retry_history": history}
+    kept = record(failed)
+    resume_epoch = (kept.get(CHECKPOINT) or {}).get("epoch", 0)
+    inherited = {key: kept[key] for key in INHERITED if key in kept}
+    system_attrs = {"failed_trial": history[0], "retry_history": history,
+                    **{PREFIX + key: value for key, value in inherited.items() if key not in SHOWN}}
     for key, meta in failed.system_attrs.items():  # keep the images of the epochs the retry will not redo
         if key.startswith("artifacts:"):
             epoch = re.search(r"epoch(\d+)", json.loads(meta).get("filename", ""))
@@ -93,8 +96,7 @@ def retry_template(failed: FrozenTrial, history: list[int], reason: str) -> Froz
         state=TrialState.WAITING,
         params=failed.params,
         distributions=failed.distributions,
-        user_attrs={**{k: failed.user_attrs[k] for k in INHERITED if k in failed.user_attrs},
-                    "retry_reason": reason},
+        user_attrs={**{key: value for key, value in inherited.items() if key in SHOWN}, "retry_reason": reason},
         system_attrs=system_attrs,
         intermediate_values={s: v for s, v in failed.intermediate_values.items() if s <= resume_epoch},
     )

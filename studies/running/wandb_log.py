@@ -18,6 +18,7 @@ from typing import Any
 import optuna
 
 from pcvit import Listener, RunResult
+from studies.running import records
 
 
 INIT_TIMEOUT_S = 30  # W&B's own default is 90 s of a GPU idling when its server is out of reach
@@ -42,8 +43,8 @@ class WandbListener(Listener):
                                     name=f"trial-{self.trial.number}", config=config, mode=mode,
                                     dir=os.environ.get("WANDB_DIR"), reinit="create_new",
                                     settings=wandb.Settings(init_timeout=timeout))
-        self.trial.set_user_attr("wandb_run_id", self.wandb_run.id)
-        self.trial.set_user_attr("wandb_url", self.wandb_run.url or f"offline: {self.wandb_run.dir}")
+        records.put(self.trial, "wandb_run_id", self.wandb_run.id)
+        records.put(self.trial, "wandb_url", self.wandb_run.url or f"offline: {self.wandb_run.dir}")
 
     def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}
