@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 
 from studies.running import launch
-from tests.helpers import REPO
+from tests.helpers import REPO, tiny_study, trials, worker_env
 
 
 # Prints its environment and arguments, then sleeps; on SIGTERM/SIGINT says so and exits with
@@ -269,3 +270,33 @@ def test_bad_worker_arguments_start_no_worker(tmp_path, capsys, worker_args, wor
     err = capsys.readouterr().err
     assert err.startswith("pcvit-launch: error: worker arguments: ") and words in err and err.count("\n") == 1
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.slow
+def test_real_workers_outlast_a_database_outage_longer_than_a_minute(tmp_path, postgres_server):
+    """Two real CPU workers start while PostgreSQL is down for 100 s: the launcher waits its 10 s and starts
+    them anyway; each waits its minute, exits 75
+    (storage unreachable), is restarted with back-off past the restart cap, joins once the server is back,
+    and the study runs to its end."""
+    url = postgres_server.new_database("outage")
+    study_file = tiny_study(tmp_path, n_trials=6)
+    postgres_server.stop()
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "studies.running.launch", "--cpu-workers", "2", "--log-dir", str(tmp_path / "logs"),
+             "--restart-backoff", "2", "--max-restarts", "0", "--", "--storage", url, "--study-file",
+             str(study_file), "--artifact-dir", str(tmp_path / "art")],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env())
+        time.sleep(max(0.0, 100 - (time.monotonic() - started)))  # 10 + 60 s + start-up, then ~25 s more
+    finally:
+        postgres_server.start()
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    for slot in ("cpu-0", "cpu-1"):  # each slot lost its storage, was restarted, and worked again
+        assert f"worker {slot} finished: exit {launch.EXIT_STORAGE_UNREACHABLE}" in out, out
+        log = (tmp_path / "logs" / f"worker-{slot}.log").read_text()
+        assert "worker joins study 'tiny'" in log, log[-3000:]
+    assert "(until the storage answers)" in out
+    states = [t.state for t in trials(url, "tiny")]
+    assert len(states) == 6 and all(s == optuna.trial.TrialState.COMPLETE for s in states), states

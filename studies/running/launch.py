@@ -153,10 +153,11 @@ def storage_url(worker_args: list[str]) -> str | None:
     return os.environ.get("OPTUNA_STORAGE")
 
 
-def check_storage(worker_args: list[str], workers: int, patience_s: float = 60.0) -> None:
-    """On PostgreSQL, fail before starting anything if the server lacks connections for all workers; behind a
-    storage proxy (grpc://), if the proxy does not answer. A server or proxy that does not answer yet (starting,
-    restarting) is waited for up to `patience_s` seconds."""
+def check_storage(worker_args: list[str], workers: int, patience_s: float = 10.0) -> None:
+    """On PostgreSQL, fail before starting anything if the server lacks connections for all workers. A server
+    or storage proxy (grpc://) that does not answer yet (starting, restarting) is waited for up to `patience_s`
+    seconds; after that StorageUnreachable goes to the caller, which starts the workers anyway (an outage is
+    waited out by restarting them, not a reason to give up the slots)."""
     from storage.postgres import StorageUnreachable, check_connection_budget, is_postgres_url
     from storage.proxy import is_proxy_url, open_proxy
 
@@ -371,9 +372,14 @@ def main(argv: list[str] | None = None) -> int:
         for w in workers:
             print(f"{w.name}: CUDA_VISIBLE_DEVICES={w.gpu!r} {shlex.join(command)} > {w.log_path}")
         return 0
+    from storage.postgres import StorageUnreachable
+
     try:
         check_storage(worker_args, len(workers))
-    except RuntimeError as exc:  # StorageError: too few connections, or server unreachable
+    except StorageUnreachable as exc:  # an outage: the workers wait for it, and are restarted until it ends
+        print(f"pcvit-launch: {exc}; starting the workers anyway: each waits a minute for the storage and is "
+              f"restarted until it answers (its connection budget is not checked)", flush=True)
+    except RuntimeError as exc:  # StorageError: too few connections for the workers, a wrong password
         print(f"pcvit-launch: {exc}", file=sys.stderr)
         return 2
 
