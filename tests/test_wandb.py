@@ -195,7 +195,8 @@ def test_trial_is_logged_as_an_offline_wandb_run(tmp_path):
     assert finish(worker, 240, log) == 0, log.read_text()[-3000:]
     (trial,) = trials(url, "tiny")
     run_id = record(trial)["wandb_run_id"]
-    assert trial.user_attrs["wandb_url"].startswith("offline: ")
+    assert trial.user_attrs["wandb_url"] == f"offline: run {run_id}"
+    assert str(tmp_path / "wandb") in record(trial)["wandb_dir"]  # what `wandb sync` needs
     (log_file,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
     records = list(wandb_records(log_file))
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]

@@ -32,7 +32,7 @@ SHOWN = {  # user attribute -> what it means (the study's note lists these)
     "fail_reason": "why the trial failed (a dead worker, an error)",
     "retry_reason": "this trial retries a failed one, and why",
     "resumed_after_epoch": "a retry went on from its predecessor's checkpoint after this epoch",
-    "wandb_url": "the trial's W&B run (with --wandb)",
+    "wandb_url": "the trial's W&B run (with --wandb; offline: its folder is `wandb_dir` in the record)",
 }
 
 

@@ -44,7 +44,8 @@ class WandbListener(Listener):
                                     dir=os.environ.get("WANDB_DIR"), reinit="create_new",
                                     settings=wandb.Settings(init_timeout=timeout))
         records.put(self.trial, "wandb_run_id", self.wandb_run.id)
-        records.put(self.trial, "wandb_url", self.wandb_run.url or f"offline: {self.wandb_run.dir}")
+        records.put(self.trial, "wandb_dir", self.wandb_run.dir)  # `wandb sync` it (offline); a long path: record
+        records.put(self.trial, "wandb_url", self.wandb_run.url or f"offline: run {self.wandb_run.id}")
 
     def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}
