@@ -21,6 +21,7 @@ BRANCH_SCALES = ("1", "1/sqrt(L)", "1/L")
 ENERGY_WEIGHTINGS = ("sum", "mean")
 PROBE_SOLVERS = ("adamw", "lbfgs")
 INFERENCE_VARIABLES = ("states", "errors")
+TOP_LATENTS = ("patches", "image")
 NODE_PRECISIONS = ("none", "dynamic")
 EARLY_STOPPING_METRICS = ("train_mse", "val_mse", "probe_accuracy")
 
@@ -46,6 +47,8 @@ class Config:
     #                           h + attn + mlp (the pcx block alone, without the decoder's outer residual)
     use_vode_state_layernorm: bool = False  # LayerNorm on each state before it feeds the next layer
     use_noise: bool = True  # top latent starts as 0.01*N(0,1) (else zeros)
+    top_latent: str = "patches"  # patches: one P-wide latent per patch (the original); image: one P-wide latent
+    #                              per image, shared by every patch (u_1 = h0 Wp + bp + PE_n): a global code
     residual_branch_scale: str = "1"  # a in u = r*h + z1 + a*mlp, z1 = h + a*attn: "1" (the original), "1/sqrt(L)",
     #                                   "1/L" (depth-scaled branches, muPC: Innocenti et al. 2025)
     energy_weighting: str = "sum"  # sum: E = sum of node energies (the original); mean: each node's energy per element,
@@ -312,6 +315,7 @@ def _validate(c: Config) -> None:
          f"must be one of {', '.join(ENERGY_WEIGHTINGS)}, got {c.energy_weighting!r}")
     need(c.inference_steps_per_block >= 0, "inference_steps_per_block",
          f"must be >= 0, got {c.inference_steps_per_block}")
+    need(c.top_latent in TOP_LATENTS, "top_latent", f"must be one of {', '.join(TOP_LATENTS)}, got {c.top_latent!r}")
     need(c.inference_variables in INFERENCE_VARIABLES, "inference_variables",
          f"must be one of {', '.join(INFERENCE_VARIABLES)}, got {c.inference_variables!r}")
     need(c.node_precision in NODE_PRECISIONS, "node_precision",

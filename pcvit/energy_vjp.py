@@ -41,7 +41,7 @@ VODE_GRAD_NORM_EPS = 1e-8  # use_vode_grad_norm: g / (||g|| + eps) * target, as 
 @torch.no_grad()  # the weights require grad; nothing here may record a graph through them
 def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor, *,
                            attention: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
-    """Total energy (summed over nodes and batch) and dE/dh0 (B, N, P), dE/dh_{1..L+1} (L+1, B, N, H).
+    """Total energy (summed over nodes and batch) and dE/dh0 (B, N or 1, P), dE/dh_{1..L+1} (L+1, B, N, H).
 
     Same contract as `pcvit.inference.state_grads`: gradients are not divided by the batch size.
     x (B, C, S, S), top (B, N, P), hidden (L+1, B, N, H); nothing is written into the inputs.
@@ -81,7 +81,7 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     e = hidden.new_empty(L1, BN, H)  # errors of nodes 1..L+1, written in place (no concatenation)
     # e_1 = h_1 - (h0 @ Wp + bp + PE)
     e_first = mm.addmm((hidden[0] - model.pos_embed - model.patch_proj_b).reshape(BN, H),
-                       top.reshape(BN, -1), model.patch_proj_w, alpha=-1.0, out=e[0])  # (BN, H)
+                       top.expand(B, N, -1).reshape(BN, -1), model.patch_proj_w, alpha=-1.0, out=e[0])  # (BN, H)
     # e_{l+2} = h_{l+2} - (r*z + z1 + act @ W2 + b2)
     rest = (hidden[1:].reshape(L, BN, H) - z1).sub_(b_fc2[:, None])
     if r:
@@ -121,7 +121,9 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     pulled = pulled.reshape(L1, B, N, H)
     if c.use_vode_state_layernorm:
         pulled = _layer_norm_backward(pulled * model.state_ln_w[:, None, None], hidden, state_mu, state_rs)
-    g_top = mm.mm(e_first, model.patch_proj_w.t()).neg_().reshape(top.shape)  # before e is overwritten
+    g_top = mm.mm(e_first, model.patch_proj_w.t()).neg_().reshape(B, N, -1)  # before e is overwritten
+    if top.shape[1] != N:  # `top_latent: image`: one latent feeds every patch, its gradient sums theirs
+        g_top = g_top.sum(dim=1, keepdim=True)
     g_hidden = e.reshape(L1, B, N, H).sub_(pulled)
     node_w = 1.0 if per_node is None else per_node[:L1, None, None, None].to(e.dtype)
     if c.intermediate_l1_coeff:

@@ -27,7 +27,8 @@ PRECISION_EPS = 1e-12  # node_precision: a node whose error is exactly zero gets
 
 @dataclass
 class States:
-    """The value nodes' states: the top latent h0 (B, N, P) and h_1..h_{L+1} stacked, (L+1, B, N, H)."""
+    """The value nodes' states: the top latent h0 (B, N, P), or (B, 1, P) with `top_latent: image`, and
+    h_1..h_{L+1} stacked, (L+1, B, N, H)."""
 
     top: Tensor
     hidden: Tensor
@@ -54,7 +55,7 @@ class States:
 def init_states(model: PCViT, batch_size: int, use_noise: bool, generator: torch.Generator | None) -> States:
     """Run-start INIT: h0 ~ 0.01*N(0,1) (or zeros), then every hidden state := its feed-forward prediction."""
     device = model.pos_embed.device
-    shape = (batch_size, model.num_patches, model.patch_dim)
+    shape = (batch_size, model.top_tokens, model.patch_dim)
     top = 0.01 * torch.randn(shape, generator=generator) if use_noise else torch.zeros(shape)
     top = top.to(device=device, dtype=model.patch_proj_w.dtype)
     hidden, _ = model.feedforward(top)

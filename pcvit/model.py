@@ -70,6 +70,7 @@ class PCViT(nn.Module):
         self.channels, self.image_size, self.patch = channels, image_size, c.patch_size
         self.grid = image_size // c.patch_size
         self.num_patches = self.grid * self.grid  # N
+        self.top_tokens = 1 if c.top_latent == "image" else self.num_patches  # h0 is (B, top_tokens, P)
         self.patch_dim = c.patch_size * c.patch_size * channels  # P, also the width of the top latent
         L, H, M = c.num_blocks, c.hidden_size, c.mlp_hidden
 
@@ -102,7 +103,7 @@ class PCViT(nn.Module):
 
     # --- pieces shared by both implementations ---------------------------------------------------
     def project_top(self, h0: Tensor) -> Tensor:
-        """u_1 = h0 @ Wp + bp + PE: (B, N, P) -> (B, N, H)."""
+        """u_1 = h0 @ Wp + bp + PE: (B, N, P) -> (B, N, H); a (B, 1, P) image latent is broadcast to every patch."""
         return h0 @ self.patch_proj_w + self.patch_proj_b + self.pos_embed
 
     def project_out(self, g: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
 """The feature levers, each a named config field, off by default: error-based inference (ePC), per-node
-precision weighting, and inference steps that grow with depth."""
+precision weighting, inference steps that grow with depth, and one top latent per image."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from tests.helpers import tiny_config
 
 
 def setting(num_blocks: int = 2, **changes):
-    config = tiny_config(num_blocks=num_blocks, implementation="plain", residual="single",
-                         residual_branch_scale="1/L", use_inference_lr_scaling=False, **changes)
+    config = tiny_config(num_blocks=num_blocks, residual="single", residual_branch_scale="1/L",
+                         use_inference_lr_scaling=False, **{"implementation": "plain", **changes})
     data = load_data(config)
     generator = torch.Generator().manual_seed(0)
     model = PCViT(config, 3, 32, generator=generator)
@@ -31,6 +31,7 @@ def settled_energy(model, config, x, states, steps):
 def test_the_levers_are_off_by_default():
     c = Config()
     assert (c.inference_variables, c.node_precision, c.inference_steps_per_block) == ("states", "none", 0)
+    assert c.top_latent == "patches"
 
 
 def test_errors_rebuild_the_states_they_came_from():
@@ -105,6 +106,7 @@ def test_inference_steps_grow_with_depth_when_asked(monkeypatch):
     ("inference_variables", "gradients", "must be one of states, errors"),
     ("node_precision", "learned", "must be one of none, dynamic"),
     ("inference_steps_per_block", -1, "must be >= 0"),
+    ("top_latent", "global", "must be one of patches, image"),
 ])
 def test_bad_lever_values_are_refused_naming_the_field(field, value, words):
     with pytest.raises(ConfigError, match=field) as info:
@@ -115,3 +117,29 @@ def test_bad_lever_values_are_refused_naming_the_field(field, value, words):
 def test_errors_with_per_state_gradient_norms_are_refused():
     with pytest.raises(ConfigError, match="inference_variables.*use_vode_grad_norm"):
         tiny_config(inference_variables="errors", use_vode_grad_norm=True)
+
+
+@pytest.mark.parametrize("implementation", ["plain", "parallel", "vjp"])
+def test_an_image_latent_is_a_patch_latent_repeated_over_the_patches(implementation):
+    """One (B, 1, P) latent per image predicts exactly what the same vector in every patch predicts; its
+    gradient is the sum of the patches' gradients, in every implementation (the VJP by hand)."""
+    config, model, x, _ = setting(num_blocks=2, top_latent="image", implementation=implementation)
+    states = init_states(model, 4, True, torch.Generator().manual_seed(3))
+    assert states.top.shape == (4, 1, model.patch_dim) and states.hidden.shape[2] == model.num_patches
+    settled = settle_states(model, x, states, 5, lambda t: 0.05, 0.5, 1e9, layer_scales(config))  # not at rest
+    repeated = settled.top.expand(-1, model.num_patches, -1).contiguous()
+    energy, g_top, g_hidden = state_grads(model, x, settled)
+    patch_energy, patch_top, patch_hidden = state_grads(model, x, type(settled)(repeated, settled.hidden))
+    assert float(energy) == pytest.approx(float(patch_energy), rel=1e-6)
+    assert g_top.shape == (4, 1, model.patch_dim)
+    assert torch.allclose(g_top, patch_top.sum(dim=1, keepdim=True), atol=1e-4)
+    assert torch.allclose(g_hidden, patch_hidden, atol=1e-5)
+    assert g_top.abs().max() > 1e-3  # a real gradient, not zeros on both sides
+
+
+def test_an_image_latent_trains_and_is_what_the_probe_reads():
+    config = tiny_config(num_blocks=2, top_latent="image", epochs=2, linear_probe_every_n_epochs=1)
+    run = Run(config, load_data(config))
+    run.run()
+    assert run.states.top.shape[1] == 1 and not run.result.diverged
+    assert len(run.result.probe_accuracies) == 2 and run.result.best_probe_accuracy > 0
