@@ -62,13 +62,17 @@ def init_states(model: PCViT, batch_size: int, use_noise: bool, generator: torch
     return States(top, hidden)
 
 
-def layer_scales(config: Config) -> Tensor:
-    """base^(L+1-i) for node i = 0..L+1 (ones without layer scaling): node L+1 x1, the top latent x base^(L+1)."""
+def layer_scales(config: Config, shared_by: int = 1) -> Tensor:
+    """base^(L+1-i) for node i = 0..L+1 (ones without layer scaling): node L+1 x1, the top latent x base^(L+1).
+    A top latent that feeds `shared_by` patches (`top_latent: image`) steps by the mean of their gradients,
+    not their sum, so that its step is the size of a patch latent's."""
     L = config.num_blocks
     if not config.use_inference_lr_scaling:
-        return torch.ones(L + 2, dtype=torch.float64)
-    exponents = torch.arange(L + 1, -1, -1, dtype=torch.float64)
-    return config.inference_lr_scale_base ** exponents
+        scales = torch.ones(L + 2, dtype=torch.float64)
+    else:
+        scales = config.inference_lr_scale_base ** torch.arange(L + 1, -1, -1, dtype=torch.float64)
+    scales[0] /= shared_by
+    return scales
 
 
 def state_grads(model: PCViT, x: Tensor, states: States) -> tuple[Tensor, Tensor, Tensor]:

@@ -71,6 +71,7 @@ class PCViT(nn.Module):
         self.grid = image_size // c.patch_size
         self.num_patches = self.grid * self.grid  # N
         self.top_tokens = 1 if c.top_latent == "image" else self.num_patches  # h0 is (B, top_tokens, P)
+        self.top_shared_by = self.num_patches // self.top_tokens  # patches each top latent feeds
         self.patch_dim = c.patch_size * c.patch_size * channels  # P, also the width of the top latent
         L, H, M = c.num_blocks, c.hidden_size, c.mlp_hidden
 

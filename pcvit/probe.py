@@ -28,7 +28,7 @@ def extract_features(model: PCViT, states: States, images: Tensor, data: ImageDa
 
     Each batch starts from the model's current states (slot i from slot i), or, with
     `use_status_init_in_unmasking`, from fresh states drawn from a generator seeded with `linear_probe_seed`."""
-    scales = layer_scales(config)
+    scales = layer_scales(config, model.top_shared_by)
     lr = config.hidden_lr_inference
     B = states.batch_size
     fresh = torch.Generator().manual_seed(config.linear_probe_seed) if config.use_status_init_in_unmasking else None

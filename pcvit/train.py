@@ -67,7 +67,7 @@ class Run:
         self.model = PCViT(config, data.channels, data.image_size, generator=self.generator).to(self.device)
         self.optim_w = make_weight_optimizer(self.model, config)
         self.states = init_states(self.model, config.batch_size, config.use_noise, self.generator)
-        self.scales = layer_scales(config)
+        self.scales = layer_scales(config, self.model.top_shared_by)
         self.diagnostics = NodeDiagnostics()
         self.batches_per_epoch = len(data.train_images) // config.batch_size  # the last partial batch is dropped
         if self.batches_per_epoch == 0:

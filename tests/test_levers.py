@@ -143,3 +143,11 @@ def test_an_image_latent_trains_and_is_what_the_probe_reads():
     run.run()
     assert run.states.top.shape[1] == 1 and not run.result.diverged
     assert len(run.result.probe_accuracies) == 2 and run.result.best_probe_accuracy > 0
+
+
+def test_an_image_latent_steps_by_the_mean_of_its_patches_gradients():
+    config = tiny_config(num_blocks=2, top_latent="image")
+    model = PCViT(config, 3, 32)
+    patches, image = layer_scales(config.replace(top_latent="patches")), layer_scales(config, model.top_shared_by)
+    assert model.top_shared_by == model.num_patches == 64
+    assert image[0] == pytest.approx(patches[0] / 64) and torch.equal(image[1:], patches[1:])
