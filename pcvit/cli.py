@@ -24,7 +24,7 @@ from .config import Config, ConfigError, coerce, field_names, resolve_precision
 from .data import DatasetError, load_data, resolve_device
 from .diagnostics import format_table
 from .listeners import Listener, RunResult, StopReason
-from .controls import probe_controls
+from .controls import probe_controls, probe_each_node
 from .train import Run
 
 SUGAR = ("num_blocks", "hidden_size", "num_heads", "dataset", "epochs", "batch_size", "train_subset",
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true",
                    help="also probe the controls, the same probe on the same images: raw patches, the same network "
                         "untrained, and a PCA of the pixels to the probed feature dimension (pcvit.controls)")
+    p.add_argument("--probe-each-node", action="store_true",
+                   help="after training, probe every node alone beside the same node untrained and a PCA of the "
+                        "pixels to its width: where the features are (costs two probes' inference)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--diagnostics", action="store_true",
                    help="print per-node energy, state RMS, |dE/dh| and top-latent movement under each epoch's row")
@@ -169,8 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    node_probes = None
+    if args.probe_each_node and not result.diverged:
+        node_probes = probe_each_node(run.model, run.states, data, config)
+        print("    node  width  trained  untrained  PCA of its width", flush=True)
+        for probe in node_probes:
+            print(probe.row(), flush=True)
     summary = {**result.to_dict(), "config": config.to_dict(), "torch": torch.__version__,
                **(controls.summary() if controls else {}),
+               **({"node_probes": [vars(p) for p in node_probes]} if node_probes else {}),
                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))}
     summary_path = args.summary_json or args.out / "summary.json"
     summary_path.parent.mkdir(parents=True, exist_ok=True)

@@ -118,3 +118,42 @@ def principal_axes(centred: Tensor, k: int) -> Tensor:
         return torch.linalg.eigh(centred.T @ centred)[1][:, -k:]  # ascending eigenvalues
     values, vectors = torch.linalg.eigh(centred @ centred.T)
     return centred.T @ vectors[:, -k:] / values[-k:].clamp_min(1e-12).sqrt()
+
+
+@dataclass
+class NodeProbe:
+    """One node's probe: its patch-averaged state, trained and untrained, beside a PCA of the pixels to its width."""
+
+    node: int
+    width: int
+    trained: float
+    untrained: float
+    pca: float
+
+    def row(self) -> str:
+        name = "0 (top)" if self.node == 0 else str(self.node)
+        return f"{name:>8} {self.width:>6} {self.trained:>8.4f} {self.untrained:>10.4f} {self.pca:>8.4f}"
+
+
+def probe_each_node(model: PCViT, states: States, data: ImageData, config: Config) -> list[NodeProbe]:
+    """Where the features are: every node probed alone (one inference pass gives all of them), the same node of
+    the untrained network beside it, and a PCA of the pixels to its width; the probe protocol of `config`."""
+    every = config.replace(linear_probe_vode_indices=tuple(range(config.num_blocks + 2)))
+    test_images, test_labels = data.test_images[: config.test_subset], data.test_labels[: config.test_subset]
+    untrained_model, untrained_states = untrained_network(data, config)
+    features = {name: (extract_features(m, s, data.train_images, data, every),
+                       extract_features(m, s, test_images, data, every))
+                for name, (m, s) in {"trained": (model, states), "untrained": (untrained_model, untrained_states)}.items()}
+    pca: dict[int, float] = {}
+    rows, start = [], 0
+    for node in every.linear_probe_vode_indices:
+        width = model.patch_dim if node == 0 else config.hidden_size
+        columns = slice(start, start + width)
+        start += width
+        accuracy = {name: fit_linear_probe(train[:, columns], data.train_labels, test[:, columns], test_labels,
+                                           config).accuracy for name, (train, test) in features.items()}
+        if width not in pca:
+            train_pca, test_pca = pca_features(data, data.train_images, test_images, width)
+            pca[width] = fit_linear_probe(train_pca, data.train_labels, test_pca, test_labels, config).accuracy
+        rows.append(NodeProbe(node, width, accuracy["trained"], accuracy["untrained"], pca[width]))
+    return rows

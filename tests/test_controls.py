@@ -9,7 +9,8 @@ import torch
 
 from pcvit import Run, load_data
 from pcvit.cli import main
-from pcvit.controls import pca_features, principal_axes, probe_controls, probed_width, untrained_network
+from pcvit.controls import (pca_features, principal_axes, probe_controls, probe_each_node, probed_width,
+                            untrained_network)
 from pcvit.probe import probe_accuracy
 from tests.helpers import tiny_config, tiny_config_file
 
@@ -79,3 +80,22 @@ def test_without_baseline_there_are_no_controls(tmp_path):
     assert main([*tiny_config_file(tmp_path, epochs=1), "--no-progress", "--out", str(tmp_path / "o"),
                  "--summary-json", str(summary)]) == 0
     assert "untrained_baseline" not in json.loads(summary.read_text())
+
+
+def test_each_node_is_probed_alone_beside_its_untrained_self_and_a_pca_of_its_width(tmp_path):
+    summary = tmp_path / "s.json"
+    assert main(["--set", "dataset=synthetic", "--set", "num_blocks=2", "--set", "hidden_size=8",
+                     "--set", "epochs=1", "--set", "train_subset=100", "--set", "test_subset=50",
+                     "--set", "batch_size=50", "--set", "inference_steps=2", "--set", "linear_probe_every_n_epochs=0",
+                     "--set", "validation_every_n_epochs=0", "--set", "reconstruction_every_n_epochs=0",
+                     "--probe-each-node", "--no-progress", "--out", str(tmp_path / "run"),
+                     "--summary-json", str(summary)]) == 0
+    rows = json.loads(summary.read_text())["node_probes"]
+    assert [r["node"] for r in rows] == [0, 1, 2, 3] and [r["width"] for r in rows] == [48, 8, 8, 8]
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("trained", "untrained", "pca"))
+    assert rows[1]["pca"] == rows[2]["pca"]  # one PCA per width
+    config = tiny_config(num_blocks=2, hidden_size=8)
+    data = load_data(config)
+    model, states = untrained_network(data, config)
+    (top, *_) = probe_each_node(model, states, data, config)  # an untrained model is its own control
+    assert top.trained == top.untrained
