@@ -308,30 +308,22 @@ def _validate(c: Config) -> None:
     need(c.dataset in DATASETS, "dataset", f"unknown dataset {c.dataset!r} (known: {', '.join(DATASETS)})")
     need(c.implementation in IMPLEMENTATIONS, "implementation",
          f"unknown implementation {c.implementation!r} (known: {', '.join(IMPLEMENTATIONS)})")
-    need(c.residual in RESIDUALS, "residual", f"must be one of {', '.join(RESIDUALS)}, got {c.residual!r}")
-    need(c.residual_branch_scale in BRANCH_SCALES, "residual_branch_scale",
-         f"must be one of {', '.join(BRANCH_SCALES)}, got {c.residual_branch_scale!r}")
-    need(c.energy_weighting in ENERGY_WEIGHTINGS, "energy_weighting",
-         f"must be one of {', '.join(ENERGY_WEIGHTINGS)}, got {c.energy_weighting!r}")
+    choices = {"residual": RESIDUALS, "residual_branch_scale": BRANCH_SCALES, "energy_weighting": ENERGY_WEIGHTINGS,
+               "top_latent": TOP_LATENTS, "inference_variables": INFERENCE_VARIABLES, "node_precision": NODE_PRECISIONS,
+               "linear_probe_solver": PROBE_SOLVERS, "precision": PRECISIONS,
+               "early_stopping_metric": EARLY_STOPPING_METRICS}
+    for name, known in choices.items():
+        value = getattr(c, name)
+        need(value in known, name, f"must be one of {', '.join(known)}, got {value!r}")
     need(c.inference_steps_per_block >= 0, "inference_steps_per_block",
          f"must be >= 0, got {c.inference_steps_per_block}")
-    need(c.top_latent in TOP_LATENTS, "top_latent", f"must be one of {', '.join(TOP_LATENTS)}, got {c.top_latent!r}")
-    need(c.inference_variables in INFERENCE_VARIABLES, "inference_variables",
-         f"must be one of {', '.join(INFERENCE_VARIABLES)}, got {c.inference_variables!r}")
-    need(c.node_precision in NODE_PRECISIONS, "node_precision",
-         f"must be one of {', '.join(NODE_PRECISIONS)}, got {c.node_precision!r}")
     need(not (c.inference_variables == "errors" and c.use_vode_grad_norm), "inference_variables",
          "errors cannot be combined with use_vode_grad_norm (it rescales per-state gradients; an error-based "
          "step has no state gradients)")
-    need(c.linear_probe_solver in PROBE_SOLVERS, "linear_probe_solver",
-         f"must be one of {', '.join(PROBE_SOLVERS)}, got {c.linear_probe_solver!r}")
     need(c.linear_probe_converged_change > 0, "linear_probe_converged_change",
          f"must be > 0, got {c.linear_probe_converged_change}")
-    need(c.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
     need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
          f"must be auto, cpu or cuda[:N], got {c.device!r}")
-    need(c.early_stopping_metric in EARLY_STOPPING_METRICS, "early_stopping_metric",
-         f"must be one of {', '.join(EARLY_STOPPING_METRICS)}, got {c.early_stopping_metric!r}")
     image_side = 28 if c.dataset == "fashion-mnist" else 32
     need(image_side % c.patch_size == 0, "patch_size",
          f"{c.patch_size} does not divide the {image_side}x{image_side} images of {c.dataset}")
