@@ -49,6 +49,8 @@ class Config:
     use_noise: bool = True  # top latent starts as 0.01*N(0,1) (else zeros)
     top_latent: str = "patches"  # patches: one P-wide latent per patch (the original); image: one P-wide latent
     #                              per image, shared by every patch (u_1 = h0 Wp + bp + PE_n): a global code
+    top_latent_prior: float = 0.0  # > 0: a zero-mean Gaussian prior of this precision on the top latent,
+    #                                E_0 = prior/2 * sum h0^2 (the original's top latent has no energy: 0)
     residual_branch_scale: str = "1"  # a in u = r*h + z1 + a*mlp, z1 = h + a*attn: "1" (the original), "1/sqrt(L)",
     #                                   "1/L" (depth-scaled branches, muPC: Innocenti et al. 2025)
     energy_weighting: str = "sum"  # sum: E = sum of node energies (the original); mean: each node's energy per element,
@@ -315,6 +317,7 @@ def _validate(c: Config) -> None:
     for name, known in choices.items():
         value = getattr(c, name)
         need(value in known, name, f"must be one of {', '.join(known)}, got {value!r}")
+    need(c.top_latent_prior >= 0, "top_latent_prior", f"must be >= 0, got {c.top_latent_prior}")
     need(c.inference_steps_per_block >= 0, "inference_steps_per_block",
          f"must be >= 0, got {c.inference_steps_per_block}")
     need(not (c.inference_variables == "errors" and c.use_vode_grad_norm), "inference_variables",

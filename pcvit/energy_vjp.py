@@ -133,6 +133,9 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     if w != 1:
         g_top.mul_(w)
         g_hidden.mul_(w)
+    if c.top_latent_prior:  # E_0 = prior/2 sum h0^2: the top latent's own energy
+        energy = energy + 0.5 * c.top_latent_prior * _sumsq(top)
+        g_top.add_(top, alpha=c.top_latent_prior)
     return energy, g_top, g_hidden
 
 

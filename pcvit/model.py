@@ -192,8 +192,12 @@ class PCViT(nn.Module):
         return self.hidden_node_weight * per_node[:, :-1].sum() + per_node[:, -1].sum()
 
     def energy(self, x: Tensor, h0: Tensor, hidden: Tensor) -> Tensor:
-        """Total energy: summed over nodes AND over the batch (not a mean), a scalar."""
-        return self.total_energy(self.node_energies(x, h0, hidden))
+        """Total energy: summed over nodes AND over the batch (not a mean), a scalar; with `top_latent_prior`,
+        plus the top latent's prior energy (not among the per-node energies)."""
+        energy = self.total_energy(self.node_energies(x, h0, hidden))
+        if self.config.top_latent_prior:
+            energy = energy + 0.5 * self.config.top_latent_prior * h0.square().sum()
+        return energy
 
     @torch.no_grad()
     def feedforward(self, h0: Tensor) -> tuple[Tensor, Tensor]:

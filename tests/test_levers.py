@@ -31,7 +31,7 @@ def settled_energy(model, config, x, states, steps):
 def test_the_levers_are_off_by_default():
     c = Config()
     assert (c.inference_variables, c.node_precision, c.inference_steps_per_block) == ("states", "none", 0)
-    assert c.top_latent == "patches"
+    assert (c.top_latent, c.top_latent_prior) == ("patches", 0.0)
 
 
 def test_errors_rebuild_the_states_they_came_from():
@@ -107,6 +107,7 @@ def test_inference_steps_grow_with_depth_when_asked(monkeypatch):
     ("node_precision", "learned", "must be one of none, dynamic"),
     ("inference_steps_per_block", -1, "must be >= 0"),
     ("top_latent", "global", "must be one of patches, image"),
+    ("top_latent_prior", -0.1, "must be >= 0"),
 ])
 def test_bad_lever_values_are_refused_naming_the_field(field, value, words):
     with pytest.raises(ConfigError, match=field) as info:
@@ -151,3 +152,17 @@ def test_an_image_latent_steps_by_the_mean_of_its_patches_gradients():
     patches, image = layer_scales(config.replace(top_latent="patches")), layer_scales(config, model.top_shared_by)
     assert model.top_shared_by == model.num_patches == 64
     assert image[0] == pytest.approx(patches[0] / 64) and torch.equal(image[1:], patches[1:])
+
+
+@pytest.mark.parametrize("top_latent", ["patches", "image"])
+def test_a_prior_on_the_top_latent_adds_its_energy_and_pulls_it_to_zero_in_every_implementation(top_latent):
+    config, model, x, _ = setting(num_blocks=2, top_latent=top_latent)
+    states = init_states(model, 4, True, torch.Generator().manual_seed(3))
+    states = settle_states(model, x, states, 5, lambda t: 0.05, 0.5, 1e9, layer_scales(config))
+    energy, g_top, g_hidden = state_grads(model, x, states)
+    for implementation in ("plain", "parallel", "vjp"):
+        model.config = config.replace(top_latent_prior=0.5, implementation=implementation)
+        with_prior, g_top_prior, g_hidden_prior = state_grads(model, x, states)
+        assert float(with_prior) == pytest.approx(float(energy) + 0.25 * float(states.top.square().sum()), rel=1e-5)
+        assert torch.allclose(g_top_prior, g_top + 0.5 * states.top, atol=1e-4), implementation
+        assert torch.allclose(g_hidden_prior, g_hidden, atol=1e-5)
