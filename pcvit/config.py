@@ -21,7 +21,7 @@ BRANCH_SCALES = ("1", "1/sqrt(L)", "1/L")
 ENERGY_WEIGHTINGS = ("sum", "mean")
 PROBE_SOLVERS = ("adamw", "lbfgs")
 INFERENCE_VARIABLES = ("states", "errors")
-TOP_LATENTS = ("patches", "image")
+TOP_LATENTS = ("patches", "image", "image_positional")
 NODE_PRECISIONS = ("none", "dynamic")
 EARLY_STOPPING_METRICS = ("train_mse", "val_mse", "probe_accuracy")
 
@@ -48,7 +48,9 @@ class Config:
     use_vode_state_layernorm: bool = False  # LayerNorm on each state before it feeds the next layer
     use_noise: bool = True  # top latent starts as 0.01*N(0,1) (else zeros)
     top_latent: str = "patches"  # patches: one P-wide latent per patch (the original); image: one P-wide latent
-    #                              per image, shared by every patch (u_1 = h0 Wp + bp + PE_n): a global code
+    #                              per image, shared by every patch (u_1 = h0 Wp + bp + PE_n): a global code;
+    #                              image_positional: the same, projected by each patch's own weights
+    #                              (u_1[n] = h0 Wp[n] + bp + PE_n), so that the code can say where things are
     top_latent_prior: float = 0.0  # > 0: a zero-mean Gaussian prior of this precision on the top latent,
     #                                E_0 = prior/2 * sum h0^2 (the original's top latent has no energy: 0)
     residual_branch_scale: str = "1"  # a in u = r*h + z1 + a*mlp, z1 = h + a*attn: "1" (the original), "1/sqrt(L)",

@@ -80,8 +80,12 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     act = F.gelu(pre, approximate="tanh")
     e = hidden.new_empty(L1, BN, H)  # errors of nodes 1..L+1, written in place (no concatenation)
     # e_1 = h_1 - (h0 @ Wp + bp + PE)
-    e_first = mm.addmm((hidden[0] - model.pos_embed - model.patch_proj_b).reshape(BN, H),
-                       top.expand(B, N, -1).reshape(BN, -1), model.patch_proj_w, alpha=-1.0, out=e[0])  # (BN, H)
+    positional = model.patch_proj_w.dim() == 3  # `top_latent: image_positional`: a projection per patch
+    if positional:
+        e_first = torch.sub(hidden[0], model.project_top(top), out=e[0].view(B, N, H)).view(BN, H)
+    else:
+        e_first = mm.addmm((hidden[0] - model.pos_embed - model.patch_proj_b).reshape(BN, H),
+                           top.expand(B, N, -1).reshape(BN, -1), model.patch_proj_w, alpha=-1.0, out=e[0])  # (BN, H)
     # e_{l+2} = h_{l+2} - (r*z + z1 + act @ W2 + b2)
     rest = (hidden[1:].reshape(L, BN, H) - z1).sub_(b_fc2[:, None])
     if r:
@@ -121,9 +125,14 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     pulled = pulled.reshape(L1, B, N, H)
     if c.use_vode_state_layernorm:
         pulled = _layer_norm_backward(pulled * model.state_ln_w[:, None, None], hidden, state_mu, state_rs)
-    g_top = mm.mm(e_first, model.patch_proj_w.t()).neg_().reshape(B, N, -1)  # before e is overwritten
-    if top.shape[1] != N:  # `top_latent: image`: one latent feeds every patch, its gradient sums theirs
-        g_top = g_top.sum(dim=1, keepdim=True)
+    if positional:  # dE/dh0 = -sum_n e_1[n] Wp[n]^T, before e is overwritten
+        P = model.patch_dim
+        g_top = mm.mm(e_first.reshape(B, N * H), model.patch_proj_w.permute(1, 0, 2).reshape(P, N * H).t())
+        g_top = g_top.neg_().reshape(B, 1, P)
+    else:
+        g_top = mm.mm(e_first, model.patch_proj_w.t()).neg_().reshape(B, N, -1)  # before e is overwritten
+        if top.shape[1] != N:  # `top_latent: image`: one latent feeds every patch, its gradient sums theirs
+            g_top = g_top.sum(dim=1, keepdim=True)
     g_hidden = e.reshape(L1, B, N, H).sub_(pulled)
     node_w = 1.0 if per_node is None else per_node[:L1, None, None, None].to(e.dtype)
     if c.intermediate_l1_coeff:

@@ -70,7 +70,7 @@ class PCViT(nn.Module):
         self.channels, self.image_size, self.patch = channels, image_size, c.patch_size
         self.grid = image_size // c.patch_size
         self.num_patches = self.grid * self.grid  # N
-        self.top_tokens = 1 if c.top_latent == "image" else self.num_patches  # h0 is (B, top_tokens, P)
+        self.top_tokens = self.num_patches if c.top_latent == "patches" else 1  # h0 is (B, top_tokens, P)
         self.top_shared_by = self.num_patches // self.top_tokens  # patches each top latent feeds
         self.patch_dim = c.patch_size * c.patch_size * channels  # P, also the width of the top latent
         L, H, M = c.num_blocks, c.hidden_size, c.mlp_hidden
@@ -80,7 +80,8 @@ class PCViT(nn.Module):
             bound = 1.0 / math.sqrt(fan_in)
             return nn.Parameter(torch.empty(shape).uniform_(-bound, bound, generator=generator))
 
-        self.patch_proj_w = linear(self.patch_dim, self.patch_dim, H)
+        positional = c.top_latent == "image_positional"  # one projection per patch: (N, P, H)
+        self.patch_proj_w = linear(self.patch_dim, *((self.num_patches,) if positional else ()), self.patch_dim, H)
         self.patch_proj_b = linear(self.patch_dim, H)
         self.ln1_w, self.ln1_b = nn.Parameter(torch.ones(L, H)), nn.Parameter(torch.zeros(L, H))
         self.attn_q, self.attn_k = linear(H, L, H, H), linear(H, L, H, H)  # attention has no biases
@@ -105,6 +106,10 @@ class PCViT(nn.Module):
     # --- pieces shared by both implementations ---------------------------------------------------
     def project_top(self, h0: Tensor) -> Tensor:
         """u_1 = h0 @ Wp + bp + PE: (B, N, P) -> (B, N, H); a (B, 1, P) image latent is broadcast to every patch."""
+        if self.patch_proj_w.dim() == 3:  # `top_latent: image_positional`: u_1[n] = h0 Wp[n]
+            B, (N, P, H) = h0.shape[0], self.patch_proj_w.shape
+            per_patch = (h0.reshape(B, P) @ self.patch_proj_w.permute(1, 0, 2).reshape(P, N * H)).reshape(B, N, H)
+            return per_patch + self.patch_proj_b + self.pos_embed
         return h0 @ self.patch_proj_w + self.patch_proj_b + self.pos_embed
 
     def project_out(self, g: Tensor) -> Tensor:

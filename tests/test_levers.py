@@ -106,7 +106,7 @@ def test_inference_steps_grow_with_depth_when_asked(monkeypatch):
     ("inference_variables", "gradients", "must be one of states, errors"),
     ("node_precision", "learned", "must be one of none, dynamic"),
     ("inference_steps_per_block", -1, "must be >= 0"),
-    ("top_latent", "global", "must be one of patches, image"),
+    ("top_latent", "global", "must be one of patches, image, image_positional"),
     ("top_latent_prior", -0.1, "must be >= 0"),
 ])
 def test_bad_lever_values_are_refused_naming_the_field(field, value, words):
@@ -166,3 +166,29 @@ def test_a_prior_on_the_top_latent_adds_its_energy_and_pulls_it_to_zero_in_every
         assert float(with_prior) == pytest.approx(float(energy) + 0.25 * float(states.top.square().sum()), rel=1e-5)
         assert torch.allclose(g_top_prior, g_top + 0.5 * states.top, atol=1e-4), implementation
         assert torch.allclose(g_hidden_prior, g_hidden, atol=1e-5)
+
+
+def test_a_positional_image_latent_has_one_projection_per_patch_and_the_same_gradient_in_every_implementation():
+    config, model, x, _ = setting(num_blocks=2, top_latent="image_positional")
+    assert model.patch_proj_w.shape == (model.num_patches, model.patch_dim, config.hidden_size)
+    states = init_states(model, 4, True, torch.Generator().manual_seed(3))
+    assert states.top.shape == (4, 1, model.patch_dim)
+    u1 = model.project_top(states.top)
+    for n in (0, 5, model.num_patches - 1):  # patch n: h0 Wp[n] + bp + PE_n
+        expected = states.top[:, 0] @ model.patch_proj_w[n] + model.patch_proj_b + model.pos_embed[n]
+        assert torch.allclose(u1[:, n], expected, atol=1e-5)
+    settled = settle_states(model, x, states, 5, lambda t: 0.05, 0.5, 1e9, layer_scales(config))
+    reference = state_grads(model, x, settled)  # autograd, block after block
+    for implementation in ("parallel", "vjp"):
+        model.config = config.replace(implementation=implementation)
+        energy, g_top, g_hidden = state_grads(model, x, settled)
+        assert float(energy) == pytest.approx(float(reference[0]), rel=1e-5), implementation
+        assert torch.allclose(g_top, reference[1], atol=1e-4) and torch.allclose(g_hidden, reference[2], atol=1e-4)
+    assert reference[1].abs().max() > 1e-3
+
+
+def test_a_positional_image_latent_trains():
+    config = tiny_config(num_blocks=2, top_latent="image_positional", epochs=2, linear_probe_every_n_epochs=1)
+    run = Run(config, load_data(config))
+    run.run()
+    assert run.states.top.shape[1] == 1 and not run.result.diverged and len(run.result.probe_accuracies) == 2
