@@ -40,7 +40,7 @@ import torch
 import storage
 from pcvit import Config, DatasetError, Listener, RunResult, StopReason, load_data, probe_controls, train
 from pcvit.listeners import significant
-from storage.optuna_access import DB_PATIENCE_S, retrying, set_system_attr, stored_trial, study_id, trial_id
+from storage.optuna_access import DB_PATIENCE_S, retrying, stored_trial, study_id, trial_id
 from storage.checkpoints import CheckpointFiles
 from studies.running import records, retries
 from studies.results.curves import save_curves
@@ -60,7 +60,6 @@ log = logging.getLogger("pcvit.objective")
 RESULT_ATTRS = ("best_probe_accuracy", "best_train_mse", "final_train_mse", "best_val_mse", "epochs_run",
                 "stop_reason", "stop_detail", "diverged", "divergence_epoch", "wall_time_s", "device",
                 "implementation", "precision", "min_val_mse", "probe_converged")
-NODE_DIAGNOSTICS = "pcvit:node_diagnostics"  # trial system attr: per-node lists, too wide for the dashboard's table
 
 
 def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: CheckpointFiles,
@@ -152,7 +151,7 @@ def record_result(trial: optuna.Trial, result: RunResult) -> dict[str, Any]:
     summary = result_attrs(result)
     for key in RESULT_ATTRS:  # a few shown to people, the rest kept as system attributes (`records`)
         records.put(trial, key, summary[key])
-    set_system_attr(trial.study, trial, NODE_DIAGNOSTICS, summary["node_diagnostics"])  # per epoch: metrics.jsonl
+    records.put(trial, "node_diagnostics", summary["node_diagnostics"])  # last epoch; every epoch: metrics.jsonl
     records.put(trial, "versions", " · ".join(f"{k} {v}" for k, v in package_versions().items()))
     return summary
 

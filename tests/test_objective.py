@@ -69,7 +69,7 @@ def test_worker_creates_the_study_runs_trials_and_records_everything(tmp_path):
         assert set(RECORD) <= set(record(t)) and t.user_attrs["epochs_run"] == 3
         assert set(t.user_attrs) <= set(SHOWN)  # the rest is kept out of `optuna trials` and the dashboard's lines
         assert all(f"{name} " in record(t)["versions"] for name in ("torch", "optuna", "python", "code"))
-        assert set(t.system_attrs[objective.NODE_DIAGNOSTICS]) >= {"node_energy", "state_rms", "grad_norm"}
+        assert set(record(t)["node_diagnostics"]) >= {"node_energy", "state_rms", "grad_norm"}
         assert t.user_attrs["seed"] == 10 and record(t)["checkpoint"]["trained"]
         assert record(t)["best_train_mse"] == float(f"{record(t)['best_train_mse']:.4g}")
         assert t.value == float(f"{t.value:.6g}")
