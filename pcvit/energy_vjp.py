@@ -126,9 +126,7 @@ def energy_and_state_grads(model: PCViT, x: Tensor, top: Tensor, hidden: Tensor,
     if c.use_vode_state_layernorm:
         pulled = _layer_norm_backward(pulled * model.state_ln_w[:, None, None], hidden, state_mu, state_rs)
     if positional:  # dE/dh0 = -sum_n e_1[n] Wp[n]^T, before e is overwritten
-        P = model.patch_dim
-        g_top = mm.mm(e_first.reshape(B, N * H), model.patch_proj_w.permute(1, 0, 2).reshape(P, N * H).t())
-        g_top = g_top.neg_().reshape(B, 1, P)
+        g_top = mm.mm(e_first.reshape(B, N * H), model.positional_projection().t()).neg_().reshape(B, 1, -1)
     else:
         g_top = mm.mm(e_first, model.patch_proj_w.t()).neg_().reshape(B, N, -1)  # before e is overwritten
         if top.shape[1] != N:  # `top_latent: image`: one latent feeds every patch, its gradient sums theirs

@@ -108,9 +108,14 @@ class PCViT(nn.Module):
         """u_1 = h0 @ Wp + bp + PE: (B, N, P) -> (B, N, H); a (B, 1, P) image latent is broadcast to every patch."""
         if self.patch_proj_w.dim() == 3:  # `top_latent: image_positional`: u_1[n] = h0 Wp[n]
             B, (N, P, H) = h0.shape[0], self.patch_proj_w.shape
-            per_patch = (h0.reshape(B, P) @ self.patch_proj_w.permute(1, 0, 2).reshape(P, N * H)).reshape(B, N, H)
+            per_patch = (h0.reshape(B, P) @ self.positional_projection()).reshape(B, N, H)
             return per_patch + self.patch_proj_b + self.pos_embed
         return h0 @ self.patch_proj_w + self.patch_proj_b + self.pos_embed
+
+    def positional_projection(self) -> Tensor:
+        """`top_latent: image_positional`: the N per-patch projections side by side, (P, N*H)."""
+        N, P, H = self.patch_proj_w.shape
+        return self.patch_proj_w.permute(1, 0, 2).reshape(P, N * H)
 
     def project_out(self, g: Tensor) -> Tensor:
         """u_s = unpatchify(g @ Wo + bo): (B, N, H) -> (B, C, S, S)."""
