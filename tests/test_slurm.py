@@ -151,7 +151,8 @@ def test_a_study_as_a_slurm_array_survives_requeue_cancel_and_the_time_limit(slu
     # SLURM: the cancelled task stays cancelled; the two that came back finished the study and exited 0
     assert tasks[1]["JobState"] == "CANCELLED", tasks[1]
     for i in (0, 2):
-        assert (tasks[i]["JobState"], tasks[i]["ExitCode"]) == ("COMPLETED", "0:0"), (tasks[i], logs())
+        assert (tasks[i]["JobState"], tasks[i]["ExitCode"]) == ("COMPLETED", "0:0"), \
+            f"task {i}: {tasks[i]}{logs()}{slurm.log_tail()}"  # a string: pytest shows it whole, not a cut repr
         assert int(tasks[i]["Restarts"]) >= 1, tasks[i]
     assert "the time limit is near" in (artifacts / "slurm-logs" / f"pcvit-study-{job}_2.log").read_text()
 
