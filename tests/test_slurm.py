@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 from optuna.trial import TrialState
@@ -95,9 +96,16 @@ def task_states(slurm, job: str) -> dict[int, dict[str, str]]:
 
 
 def start_now_when_pending(slurm, job: str, task: int, timeout: float) -> None:
-    """A re-queued task waits for its begin time (SLURM holds it a while); once it is pending, start it now."""
+    """A re-queued task waits for its begin time (SLURM holds it a while); once it is pending, start it now.
+
+    Not in the same second as its kill: slurmd revokes a killed job's credential with a time stamp in whole
+    seconds and refuses a launch whose credential is not newer ("Job N already killed, do not launch batch
+    job"), which ends the task FAILED 1:0 without running. SLURM's own hold before a re-queued task starts
+    again avoids that; forcing the start must wait past it too.
+    """
     wait_for(lambda: task_states(slurm, job).get(task, {}).get("JobState") == "PENDING", timeout,
              f"task {job}_{task} to be pending again", interval=0.5)
+    time.sleep(2.5)
     slurm.run("scontrol", "update", f"JobId={job}_{task}", "StartTime=now")
 
 
