@@ -24,7 +24,7 @@ from .config import Config, ConfigError, coerce, field_names, resolve_precision
 from .data import DatasetError, load_data, resolve_device
 from .diagnostics import format_table
 from .listeners import Listener, RunResult, StopReason
-from .controls import probe_controls, probe_each_node
+from .controls import NodeProbe, feature_linearity, probe_controls, probe_each_node
 from .train import Run
 
 SUGAR = ("num_blocks", "hidden_size", "num_heads", "dataset", "epochs", "batch_size", "train_subset",
@@ -175,11 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     node_probes = None
     if args.probe_each_node and not result.diverged:
         node_probes = probe_each_node(run.model, run.states, data, config)
-        print("    node  width  trained  untrained  PCA of its width", flush=True)
+        print(NodeProbe.HEADER, flush=True)
         for probe in node_probes:
             print(probe.row(), flush=True)
+    linear = {}
+    if controls is not None and controls.untrained_linearity is not None and not result.diverged:
+        trained = feature_linearity(run.model, run.states, data, config)
+        linear["feature_linearity_r2"] = round(trained, 4)
+        print(f"probed features as an affine map of the pixels: R^2 {trained:.4f} (untrained "
+              f"{controls.untrained_linearity:.4f}; at 1 the network adds nothing a linear map of the image does not)",
+              flush=True)
+    elif controls is not None and "untrained" in controls.fits:
+        print(f"linearity of the features not measured: {len(data.train_images)} training images, not more than "
+              f"the {data.train_images[0].numel()} pixels an affine fit would need", flush=True)
     summary = {**result.to_dict(), "config": config.to_dict(), "torch": torch.__version__,
-               **(controls.summary() if controls else {}),
+               **(controls.summary() if controls else {}), **linear,
                **({"node_probes": [vars(p) for p in node_probes]} if node_probes else {}),
                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))}
     summary_path = args.summary_json or args.out / "summary.json"

@@ -13,6 +13,11 @@ optimiser and epochs) and changes only where the features come from:
 
 `probe_controls` returns every control with the seconds it took; `pcvit-train --baseline` prints them and the
 summary JSON holds them (`untrained_baseline`, `pca_baseline`, `pca_components`, `raw_patch_baseline`).
+
+Beside the controls, `linearity` asks how much of the features a linear map of the image already gives: the R^2,
+on the test images, of the best affine map from the pixels to the features (fitted on the training images). At 1
+the network computes nothing a linear map of the pixels does not, so its probe cannot beat the best linear code
+of that width (PCA's neighbourhood) and depth cannot help it (`untrained_linearity_r2`, `feature_linearity_r2`).
 """
 
 from __future__ import annotations
@@ -40,12 +45,14 @@ class Controls:
     fits: dict[str, ProbeFit]
     pca_components: int
     time_s: float
+    untrained_linearity: float | None = None  # R^2 of the untrained features as an affine map of the pixels
 
     def summary(self) -> dict[str, float | int]:
         """The summary JSON's keys (and the study's trial attributes)."""
         names = {"raw_patches": "raw_patch_baseline", "untrained": "untrained_baseline", "pca": "pca_baseline"}
+        linear = {} if self.untrained_linearity is None else {"untrained_linearity_r2": round(self.untrained_linearity, 4)}
         return {**{names[k]: round(fit.accuracy, 4) for k, fit in self.fits.items()},
-                "pca_components": self.pca_components, "controls_time_s": round(self.time_s, 1)}
+                "pca_components": self.pca_components, **linear, "controls_time_s": round(self.time_s, 1)}
 
     def describe(self) -> str:
         """One line: `raw patches 0.35 | untrained network 0.44 | PCA-16 of the pixels 0.79`."""
@@ -67,16 +74,18 @@ def probe_controls(data: ImageData, config: Config, which: tuple[str, ...] = CON
 
     model, states = untrained_network(data, config)
     width = probed_width(model, config)
-    fits = {}
+    fits, untrained_linearity = {}, None
     for name in which:
         if name == "raw_patches":
             fits[name] = fit(patch_means(data, data.train_images, config), patch_means(data, test_images, config))
         elif name == "untrained":
-            fits[name] = fit(extract_features(model, states, data.train_images, data, config),
-                             extract_features(model, states, test_images, data, config))
+            features = (extract_features(model, states, data.train_images, data, config),
+                        extract_features(model, states, test_images, data, config))
+            fits[name] = fit(*features)
+            untrained_linearity = linearity(data, test_images, *features)
         else:
             fits[name] = fit(*pca_features(data, data.train_images, test_images, width))
-    return Controls(fits, width, time.perf_counter() - start)
+    return Controls(fits, width, time.perf_counter() - start, untrained_linearity)
 
 
 def untrained_network(data: ImageData, config: Config) -> tuple[PCViT, States]:
@@ -96,6 +105,41 @@ def patch_means(data: ImageData, images: Tensor, config: Config) -> Tensor:
     """(n, P): the normalised pixels of each patch, averaged over the patches."""
     return torch.cat([patchify(data.normalise(images[s:s + BATCH]), config.patch_size).mean(dim=1)
                       for s in range(0, len(images), BATCH)])
+
+
+def affine_r2(train_inputs: Tensor, test_inputs: Tensor, train_targets: Tensor, test_targets: Tensor) -> float | None:
+    """R^2 on the test rows of the least-squares affine map from inputs to targets fitted on the training rows:
+    the mean over the targets of 1 - residual / variance. None when there are not more training rows than input
+    columns (the fit would interpolate the training rows and say nothing). A vanishing ridge (1e-6 of the mean
+    input variance) keeps the normal equations well posed."""
+    if len(train_inputs) <= train_inputs.shape[1] + 1:
+        return None
+
+    def with_ones(x: Tensor) -> Tensor:
+        x = x.double()
+        return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
+
+    train_x, test_x = with_ones(train_inputs), with_ones(test_inputs)
+    gram = train_x.T @ train_x
+    ridge = 1e-6 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    solution = torch.linalg.solve(gram + ridge, train_x.T @ train_targets.double())
+    test = test_targets.double()
+    residual = (test - test_x @ solution).square().sum(dim=0)
+    variance = (test - test.mean(dim=0)).square().sum(dim=0).clamp_min(1e-30)
+    return (1 - residual / variance).mean().item()
+
+
+def linearity(data: ImageData, test_images: Tensor, train_features: Tensor, test_features: Tensor) -> float | None:
+    """`affine_r2` from the pixels of the training images (`data.train_images`, the rows of `train_features`)
+    and of `test_images` to their features."""
+    return affine_r2(pixels(data, data.train_images), pixels(data, test_images), train_features, test_features)
+
+
+def feature_linearity(model: PCViT, states: States, data: ImageData, config: Config) -> float | None:
+    """`linearity` of the probed features of `model` (one more feature pass over the probe's images)."""
+    test_images = data.test_images[: config.test_subset]
+    return linearity(data, test_images, extract_features(model, states, data.train_images, data, config),
+                     extract_features(model, states, test_images, data, config))
 
 
 def pixels(data: ImageData, images: Tensor) -> Tensor:
@@ -129,10 +173,14 @@ class NodeProbe:
     trained: float
     untrained: float
     pca: float
+    linearity: float | None  # R^2 of the trained node's state as an affine map of the pixels (`linearity`)
+
+    HEADER = "    node  width  trained  untrained  PCA of its width  R^2 linear in the pixels"
 
     def row(self) -> str:
         name = "0 (top)" if self.node == 0 else str(self.node)
-        return f"{name:>8} {self.width:>6} {self.trained:>8.4f} {self.untrained:>10.4f} {self.pca:>8.4f}"
+        linear = "-" if self.linearity is None else f"{self.linearity:.4f}"
+        return f"{name:>8} {self.width:>6} {self.trained:>8.4f} {self.untrained:>10.4f} {self.pca:>17.4f} {linear:>25}"
 
 
 def probe_each_node(model: PCViT, states: States, data: ImageData, config: Config) -> list[NodeProbe]:
@@ -155,5 +203,7 @@ def probe_each_node(model: PCViT, states: States, data: ImageData, config: Confi
         if width not in pca:
             train_pca, test_pca = pca_features(data, data.train_images, test_images, width)
             pca[width] = fit_linear_probe(train_pca, data.train_labels, test_pca, test_labels, config).accuracy
-        rows.append(NodeProbe(node, width, accuracy["trained"], accuracy["untrained"], pca[width]))
+        trained_train, trained_test = features["trained"]
+        linear = linearity(data, test_images, trained_train[:, columns], trained_test[:, columns])
+        rows.append(NodeProbe(node, width, accuracy["trained"], accuracy["untrained"], pca[width], linear))
     return rows

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
 
 from pcvit import Run, load_data
 from pcvit.cli import main
-from pcvit.controls import (pca_features, principal_axes, probe_controls, probe_each_node, probed_width,
-                            untrained_network)
+from pcvit.controls import (affine_r2, feature_linearity, pca_features, principal_axes, probe_controls,
+                            probe_each_node, probed_width, untrained_network)
+from pcvit.data import FASHION_MNIST_DIR
 from pcvit.probe import probe_accuracy
 from tests.helpers import tiny_config, tiny_config_file
 
@@ -99,3 +101,51 @@ def test_each_node_is_probed_alone_beside_its_untrained_self_and_a_pca_of_its_wi
     model, states = untrained_network(data, config)
     (top, *_) = probe_each_node(model, states, data, config)  # an untrained model is its own control
     assert top.trained == top.untrained
+
+
+def test_affine_r2_is_one_for_an_affine_map_and_well_below_for_a_nonlinear_one():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(700, 20, generator=generator)
+    weights = torch.randn(20, 6, generator=generator)
+    train, test = inputs[:500], inputs[500:]
+    assert affine_r2(train, test, train @ weights + 3, test @ weights + 3) > 0.9999
+    squared = lambda x: (x @ weights).square()  # noqa: E731
+    assert affine_r2(train, test, squared(train), squared(test)) < 0.1  # even in x: no linear part at all
+    assert affine_r2(train[:21], test, train[:21] @ weights, test @ weights) is None  # 21 rows, 21 unknowns
+
+
+FASHION = dict(dataset="fashion-mnist", train_subset=900, test_subset=200, validation_subset=100, batch_size=100,
+               num_blocks=1, hidden_size=8, num_heads=1, use_noise=False, use_status_init_in_training=True,
+               use_status_init_in_unmasking=True, residual="single", linear_probe_solver="lbfgs")
+
+
+@pytest.mark.skipif(not pathlib.Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_from_a_zero_start_the_top_latent_is_a_linear_map_of_the_image_until_inference_settles():
+    # one step per node from the image up (L + 2): the image's error is pulled back once through Jacobians taken
+    # at image-independent starting states, so the top latent is exactly affine in the pixels; settled, it is not
+    data = load_data(tiny_config(**FASHION))
+    first = tiny_config(**FASHION, inference_steps=3)
+    model, states = untrained_network(data, first)
+    assert feature_linearity(model, states, data, first) > 0.999  # 0.99996
+    settled = tiny_config(**FASHION, inference_steps=30, hidden_lr_inference=0.5)  # R^2 0.80
+    assert feature_linearity(model, states, data, settled) < 0.95
+
+
+@pytest.mark.skipif(not pathlib.Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_baseline_says_how_linear_the_probed_features_are(tmp_path, capsys):
+    summary = tmp_path / "s.json"
+    assert main([*tiny_config_file(tmp_path, **FASHION, epochs=1, inference_steps=3), "--no-progress", "--baseline",
+                 "--out", str(tmp_path / "o"), "--summary-json", str(summary)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads(summary.read_text())
+    assert 0.99 < data["untrained_linearity_r2"] <= 1 and 0.99 < data["feature_linearity_r2"] <= 1
+    assert f"R^2 {data['feature_linearity_r2']:.4f} (untrained {data['untrained_linearity_r2']:.4f}" in out
+
+
+def test_with_fewer_training_images_than_pixels_linearity_is_not_claimed(tmp_path, capsys):
+    summary = tmp_path / "s.json"
+    assert main([*tiny_config_file(tmp_path, epochs=1), "--no-progress", "--baseline", "--out", str(tmp_path / "o"),
+                 "--summary-json", str(summary)]) == 0
+    assert "linearity of the features not measured: 64 training images, not more than the 3072 pixels" in \
+        capsys.readouterr().out
+    assert "feature_linearity_r2" not in json.loads(summary.read_text())
