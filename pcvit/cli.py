@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             print(probe.row(), flush=True)
     linear = {}
     if controls is not None and controls.untrained_linearity is not None and not result.diverged:
-        trained = feature_linearity(run.model, run.states, data, config)
+        trained = feature_linearity(run.model, run.states, data, config, run.last_probe_features)
         linear["feature_linearity_r2"] = round(trained, 4)
-        print(f"probed features as an affine map of the pixels: R^2 {trained:.4f} (untrained "
+        print(f"the last probe's features as an affine map of the pixels: R^2 {trained:.4f} (untrained "
               f"{controls.untrained_linearity:.4f}; at 1 the network adds nothing a linear map of the image does not)",
               flush=True)
     elif controls is not None and "untrained" in controls.fits:

@@ -32,7 +32,7 @@ from .config import Config
 from .data import ImageData
 from .inference import States, init_states
 from .model import PCViT, patchify
-from .probe import ProbeFit, extract_features, fit_linear_probe
+from .probe import ProbeFit, extract_features, fit_linear_probe, probe_features
 
 CONTROLS = ("raw_patches", "untrained", "pca")
 BATCH = 1000  # images per step when computing pixel features
@@ -135,11 +135,12 @@ def linearity(data: ImageData, test_images: Tensor, train_features: Tensor, test
     return affine_r2(pixels(data, data.train_images), pixels(data, test_images), train_features, test_features)
 
 
-def feature_linearity(model: PCViT, states: States, data: ImageData, config: Config) -> float | None:
-    """`linearity` of the probed features of `model` (one more feature pass over the probe's images)."""
-    test_images = data.test_images[: config.test_subset]
-    return linearity(data, test_images, extract_features(model, states, data.train_images, data, config),
-                     extract_features(model, states, test_images, data, config))
+def feature_linearity(model: PCViT, states: States, data: ImageData, config: Config,
+                      features: tuple[Tensor, Tensor] | None = None) -> float | None:
+    """`linearity` of the probed features of `model`: `features` (train, test) when the run's last probe left
+    them (no extra pass; `pcvit-train` probes after its last epoch), else one more feature pass."""
+    train, test = features if features is not None else probe_features(model, states, data, config)
+    return linearity(data, data.test_images[: config.test_subset], train, test)
 
 
 def pixels(data: ImageData, images: Tensor) -> Tensor:

@@ -138,9 +138,15 @@ def loss_settled(losses: Tensor, tolerance: float) -> bool:
     return abs(last - before) <= tolerance * abs(first)
 
 
-def probe_accuracy(model: PCViT, states: States, data: ImageData, config: Config) -> ProbeFit:
-    """The whole probe: features of the training subset and of the first `test_subset` test images."""
-    train_features = extract_features(model, states, data.train_images, data, config)
-    test_features = extract_features(model, states, data.test_images[: config.test_subset], data, config)
+def probe_features(model: PCViT, states: States, data: ImageData, config: Config) -> tuple[Tensor, Tensor]:
+    """The probe's features: of the training subset and of the first `test_subset` test images."""
+    return (extract_features(model, states, data.train_images, data, config),
+            extract_features(model, states, data.test_images[: config.test_subset], data, config))
+
+
+def probe_accuracy(model: PCViT, states: States, data: ImageData, config: Config,
+                   features: tuple[Tensor, Tensor] | None = None) -> ProbeFit:
+    """The whole probe: `probe_features` (unless given), then the head fitted on them."""
+    train_features, test_features = features if features is not None else probe_features(model, states, data, config)
     return fit_linear_probe(train_features, data.train_labels, test_features,
                             data.test_labels[: config.test_subset], config)

@@ -28,7 +28,7 @@ from .inference import States, init_states, layer_scales, settle_states, update_
 from .listeners import Listener, RunResult, StopReason, jsonable
 from .model import PCViT
 from .optim import hidden_lr, make_weight_optimizer, scale_and_clip_grads, set_lr, weight_lr
-from .probe import probe_accuracy
+from .probe import probe_accuracy, probe_features
 
 AUGMENT_SEED_OFFSET = 7919  # the augmentations' generator: seeded from `seed`, a stream apart from the weights'
 MILESTONE_TRAIN_MSE = 0.0008  # the original's save_model_train_mse_threshold: first crossing triggers val + image
@@ -82,6 +82,7 @@ class Run:
         self.early_counter = 0
         self.milestone_reached = False
         self.stop_request: tuple[StopReason, str] | None = None  # (reason, detail), asked by a listener or signal
+        self.last_probe_features: tuple[Tensor, Tensor] | None = None  # (train, test) of the last probe
 
     # --- listener API ---------------------------------------------------------------------------
     def request_stop(self, reason: StopReason = StopReason.STOPPED, detail: str = "") -> None:
@@ -324,7 +325,8 @@ class Run:
                 return self._end_epoch(epoch, metrics, t0)
         if c.linear_probe_every_n_epochs and epoch % c.linear_probe_every_n_epochs == 0:
             t_probe = time.perf_counter()
-            fit = probe_accuracy(self.model, self.states, self.data, c)
+            self.last_probe_features = probe_features(self.model, self.states, self.data, c)
+            fit = probe_accuracy(self.model, self.states, self.data, c, self.last_probe_features)
             accuracy = fit.accuracy
             metrics["probe_accuracy"], metrics["probe_time_s"] = accuracy, time.perf_counter() - t_probe
             metrics["probe_steps"], metrics["probe_converged"] = fit.steps, fit.converged

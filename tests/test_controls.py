@@ -132,6 +132,18 @@ def test_from_a_zero_start_the_top_latent_is_a_linear_map_of_the_image_until_inf
 
 
 @pytest.mark.skipif(not pathlib.Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_the_trained_linearity_reads_the_last_probes_features_which_are_the_final_models():
+    config = tiny_config(**FASHION, epochs=2, inference_steps=6, linear_probe_every_n_epochs=1)
+    data = load_data(config)
+    run = Run(config, data)
+    run.run()
+    train, test = run.last_probe_features
+    assert train.shape == (900, 16) and test.shape == (200, 16)
+    assert feature_linearity(run.model, run.states, data, config, run.last_probe_features) == \
+        pytest.approx(feature_linearity(run.model, run.states, data, config), abs=1e-9)
+
+
+@pytest.mark.skipif(not pathlib.Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_baseline_says_how_linear_the_probed_features_are(tmp_path, capsys):
     summary = tmp_path / "s.json"
     assert main([*tiny_config_file(tmp_path, **FASHION, epochs=1, inference_steps=3), "--no-progress", "--baseline",
