@@ -107,24 +107,37 @@ def patch_means(data: ImageData, images: Tensor, config: Config) -> Tensor:
                       for s in range(0, len(images), BATCH)])
 
 
+RIDGES = torch.logspace(-8, 1, 19, dtype=torch.float64)  # candidate ridges, in units of the mean input variance
+
+
 def affine_r2(train_inputs: Tensor, test_inputs: Tensor, train_targets: Tensor, test_targets: Tensor) -> float | None:
-    """R^2 on the test rows of the least-squares affine map from inputs to targets fitted on the training rows:
-    the mean over the targets of 1 - residual / variance. None when there are not more training rows than input
-    columns (the fit would interpolate the training rows and say nothing). A vanishing ridge (1e-6 of the mean
-    input variance) keeps the normal equations well posed."""
-    if len(train_inputs) <= train_inputs.shape[1] + 1:
+    """R^2 on the test rows of a ridge-regularised affine map from inputs to targets fitted on the training rows:
+    the mean over the targets of 1 - residual / variance. The ridge is the one of `RIDGES` with the least
+    generalised cross-validation error on the training rows (Golub, Heath & Wahba 1979), so that a map which is
+    nearly but not exactly affine is not judged by a fit that learned the training rows' noise. None when there
+    are not more training rows than input columns (the fit would interpolate them and say nothing)."""
+    n, d = train_inputs.shape
+    if n <= d + 1:
         return None
-
-    def with_ones(x: Tensor) -> Tensor:
-        x = x.double()
-        return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
-
-    train_x, test_x = with_ones(train_inputs), with_ones(test_inputs)
-    gram = train_x.T @ train_x
-    ridge = 1e-6 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    solution = torch.linalg.solve(gram + ridge, train_x.T @ train_targets.double())
+    x, y = train_inputs.double(), train_targets.double()
+    x_mean, y_mean = x.mean(dim=0), y.mean(dim=0)
+    x, y = x - x_mean, y - y_mean
+    variances, axes = torch.linalg.eigh(x.T @ x)  # X^T X = V diag(s^2) V^T
+    variances = variances.clamp_min(0)
+    projected = x @ axes  # (n, d): the rows in the eigenbasis
+    along = projected.T @ y  # (d, k): V^T X^T Y
+    best = None
+    for ridge in RIDGES * variances.mean():
+        shrink = 1 / (variances + ridge)
+        residual = (y - projected @ (shrink[:, None] * along)).square().sum()
+        dof = (variances * shrink).sum()
+        score = n * residual / (n - dof).clamp_min(1e-12) ** 2
+        if best is None or score < best[0]:
+            best = (score, shrink)
+    weights = axes @ (best[1][:, None] * along)  # (d, k)
     test = test_targets.double()
-    residual = (test - test_x @ solution).square().sum(dim=0)
+    predicted = (test_inputs.double() - x_mean) @ weights + y_mean
+    residual = (test - predicted).square().sum(dim=0)
     variance = (test - test.mean(dim=0)).square().sum(dim=0).clamp_min(1e-30)
     return (1 - residual / variance).mean().item()
 
