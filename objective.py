@@ -39,6 +39,7 @@ import torch
 
 import storage
 from pcvit import Config, DatasetError, Listener, RunResult, StopReason, load_data, probe_controls, train
+from pcvit.controls import linearity
 from pcvit.listeners import significant
 from storage.optuna_access import DB_PATIENCE_S, retrying, stored_trial, study_id, trial_id
 from storage.checkpoints import CheckpointFiles
@@ -82,7 +83,7 @@ def objective(trial: optuna.Trial, spec: StudySpec, store: Any, checkpoints: Che
     value = measured_value(result, spec.metric)
     if spec.controls and result.probe_accuracies and result.stop_reason is not StopReason.PRUNED \
             and beats_the_best(trial.study, value):
-        summary.update(record_controls(trial, config))
+        summary.update(record_controls(trial, config, listeners[0].probe_features))
     _note_trial(trial, summary, result.history, listeners[0].pictures)
     if result.stop_reason is StopReason.PRUNED:
         raise optuna.TrialPruned(f"pruned after epoch {result.epochs_run}")
@@ -167,13 +168,21 @@ def beats_the_best(study: optuna.Study, value: float | None) -> bool:
     return value > best if study.direction == optuna.study.StudyDirection.MAXIMIZE else value < best
 
 
-def record_controls(trial: optuna.Trial, config: Config) -> dict[str, Any]:
+def record_controls(trial: optuna.Trial, config: Config, probe_features: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Probe the trial's controls (the same network untrained, a PCA of the pixels, raw patches) and store
     them as user attributes (`untrained_baseline`, `pca_baseline`, ...); the report sets the best trial beside
-    them. Only for a trial that beats the study's best so far (the best trial always has them; they cost about
-    one probe each time), and not with `controls: false` in the study file."""
-    controls = best_effort(f"the controls of trial {trial.number}", probe_controls, load_data(config), config)
+    them. With the run's last probe features, also how affine in the pixels they are (`feature_linearity_r2`,
+    beside the untrained network's `untrained_linearity_r2`). Only for a trial that beats the study's best so
+    far (the best trial always has them; they cost about one probe each time), and not with `controls: false`
+    in the study file."""
+    data = load_data(config)
+    controls = best_effort(f"the controls of trial {trial.number}", probe_controls, data, config)
     summary = {} if controls is None else controls.summary()
+    if controls is not None and controls.untrained_linearity is not None and probe_features is not None:
+        trained = best_effort(f"the linearity of trial {trial.number}", linearity, data,
+                              data.test_images[: config.test_subset], *probe_features)
+        if trained is not None:
+            summary["feature_linearity_r2"] = round(trained, 4)
     for key, value in summary.items():
         records.put(trial, key, value)
     return summary
@@ -207,6 +216,7 @@ class OptunaListener(Listener):
         self.lineage = retries.lineage(study_id(trial.study), frozen)
         self.checkpoint = records.record(trial).get(retries.CHECKPOINT) or {}
         self.pictures: dict[str, str] = {}  # file name -> the dashboard's URL of the uploaded image
+        self.probe_features = None  # (train, test) features of the run's last probe, for the controls
 
     def on_epoch(self, run: Any, epoch: int, metrics: dict[str, Any]) -> None:
         value = metrics.get(self.report_key)
@@ -225,6 +235,7 @@ class OptunaListener(Listener):
         self.upload(path)
 
     def on_end(self, run: Any, result: RunResult) -> None:
+        self.probe_features = run.last_probe_features
         if result.stop_reason is StopReason.INTERRUPTED:
             return  # the retry resumes from the last checkpoint
         if self.spec.checkpoint_every_n_epochs and not self.checkpoint.get("trained"):

@@ -20,6 +20,7 @@ from optuna_dashboard import get_note
 import objective
 import storage
 from pcvit import Config, train
+from pcvit.data import FASHION_MNIST_DIR
 from studies import cli
 from studies.results.replay import trial_config
 from studies.studyfile.spec import load_spec, stored_document
@@ -161,6 +162,22 @@ def test_a_study_can_turn_the_controls_off(tmp_path):
     assert run_main(url, tiny_study(tmp_path, n_trials=1, controls=False), tmp_path / "art") == 0
     (done,) = load(url).trials
     assert done.state == TrialState.COMPLETE and "untrained_baseline" not in done.user_attrs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not pathlib.Path(FASHION_MNIST_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_the_best_trial_records_how_affine_its_features_are_and_the_report_says_it(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/s.db"
+    fashion = {"dataset": "fashion-mnist", "train_subset": 900, "test_subset": 200, "validation_subset": 100,
+               "batch_size": 100, "epochs": 1, "validation_every_n_epochs": 1, "reconstruction_every_n_epochs": 1,
+               "use_noise": False, "use_status_init_in_training": True, "use_status_init_in_unmasking": True,
+               "linear_probe_solver": "lbfgs"}
+    assert run_main(url, tiny_study(tmp_path, n_trials=1, fixed=fashion), tmp_path / "art") == 0
+    kept = record(load(url).trials[0])
+    assert 0.9 < kept["feature_linearity_r2"] <= 1 and 0.9 < kept["untrained_linearity_r2"] <= 1  # T = 2: affine
+    assert "feature_linearity_r2" not in load(url).trials[0].user_attrs  # a system attribute, out of the table
+    assert cli.main(["report", "--storage", url, "--study-name", "tiny"]) == 0
+    assert f"affine map of the pixels to R^2 {kept['feature_linearity_r2']:.4f}" in capsys.readouterr().out
 
 
 @pytest.mark.slow

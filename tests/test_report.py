@@ -171,8 +171,18 @@ def test_the_best_trial_is_shown_beside_its_controls(tmp_path, capsys):
                             "pca_components": 16})
     url, _ = make_study(tmp_path, [trial(False, 0.05, [0.3]), best])
     assert cli.main(["report", "--storage", url, "--study-name", "tiny"]) == 0
+    out = capsys.readouterr().out
     assert ("Its controls, the same probe on the same images: the same network untrained 0.44, PCA-16 of the "
-            "pixels 0.79, raw patches 0.35.") in capsys.readouterr().out
+            "pixels 0.79, raw patches 0.35.") in out
+    assert "affine map of the pixels" not in out  # not measured: not claimed
+    (tmp_path / "linear").mkdir()
+    measured = trial(True, 0.06, [0.2, 0.64], **{"pcvit:feature_linearity_r2": 0.9994,
+                                                 "pcvit:untrained_linearity_r2": 0.9911})
+    measured.user_attrs.update(best.user_attrs)
+    url, _ = make_study(tmp_path / "linear", [measured])
+    assert cli.main(["report", "--storage", url, "--study-name", "tiny"]) == 0
+    assert ("Its probed features are an affine map of the pixels to R^2 0.9994 (untrained 0.9911); near 1 the "
+            "network computes nothing a linear map of the image does not.") in capsys.readouterr().out
     (tmp_path / "none").mkdir()
     url, _ = make_study(tmp_path / "none", [trial(False, 0.05, [0.3])])  # a study without controls says nothing
     assert cli.main(["report", "--storage", url, "--study-name", "tiny"]) == 0

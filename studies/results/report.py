@@ -195,12 +195,16 @@ CONTROL_ATTRS = {"untrained_baseline": "the same network untrained", "pca_baseli
                  "raw_patch_baseline": "raw patches"}
 
 
+LINEARITY_ATTRS = ("feature_linearity_r2", "untrained_linearity_r2")
+
+
 def controls_of(trial: FrozenTrial) -> dict[str, Any]:
-    """The trial's probed controls (`pcvit.controls`) as {attribute: accuracy}, plus `pca_components`."""
+    """The trial's probed controls (`pcvit.controls`) as {attribute: accuracy}, plus `pca_components` and how
+    affine in the pixels its features and the untrained network's are (R^2), when measured."""
     kept = record(trial)
     found = {key: kept[key] for key in CONTROL_ATTRS if key in kept}
-    if found and "pca_components" in kept:
-        found["pca_components"] = kept["pca_components"]
+    if found:
+        found.update({key: kept[key] for key in ("pca_components", *LINEARITY_ATTRS) if key in kept})
     return found
 
 
@@ -257,6 +261,11 @@ def render_markdown(s: dict[str, Any]) -> str:
             shown = [f"{CONTROL_ATTRS[key].format(k=k)} {_fmt(v)}" for key, v in b["controls"].items()
                      if key in CONTROL_ATTRS]
             lines.append(f"Its controls, the same probe on the same images: {', '.join(shown)}.")
+            if all(key in b["controls"] for key in LINEARITY_ATTRS):
+                lines.append(f"Its probed features are an affine map of the pixels to R^2 "
+                             f"{b['controls']['feature_linearity_r2']:.4f} (untrained "
+                             f"{b['controls']['untrained_linearity_r2']:.4f}); near 1 the network computes nothing "
+                             f"a linear map of the image does not.")
     lines += ["", "### Success targets", ""]
     for t in s["success"]:
         lines.append(f"- {t['text']}: **{'met' if t['met'] else 'not met'}** ({_target_detail(t)})")
