@@ -168,7 +168,8 @@ def beats_the_best(study: optuna.Study, value: float | None) -> bool:
     return value > best if study.direction == optuna.study.StudyDirection.MAXIMIZE else value < best
 
 
-def record_controls(trial: optuna.Trial, config: Config, probe_features: tuple[Any, Any] | None = None) -> dict[str, Any]:
+def record_controls(trial: optuna.Trial, config: Config,
+                    probe_features: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Probe the trial's controls (the same network untrained, a PCA of the pixels, raw patches) and store
     them as user attributes (`untrained_baseline`, `pca_baseline`, ...); the report sets the best trial beside
     them. With the run's last probe features, also how affine in the pixels they are (`feature_linearity_r2`,

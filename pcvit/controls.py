@@ -15,9 +15,10 @@ optimiser and epochs) and changes only where the features come from:
 summary JSON holds them (`untrained_baseline`, `pca_baseline`, `pca_components`, `raw_patch_baseline`).
 
 Beside the controls, `linearity` asks how much of the features a linear map of the image already gives: the R^2,
-on the test images, of the best affine map from the pixels to the features (fitted on the training images). At 1
-the network computes nothing a linear map of the pixels does not, so its probe cannot beat the best linear code
-of that width (PCA's neighbourhood) and depth cannot help it (`untrained_linearity_r2`, `feature_linearity_r2`).
+on the test images, of an affine map from the pixels to the features fitted on the training images (ridge by
+generalised cross-validation). At 1 the network computes nothing a linear map of the pixels does not: a linear
+head on such features is a linear classifier of the pixels, and no depth changes that (`untrained_linearity_r2`,
+`feature_linearity_r2`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class Controls:
     def summary(self) -> dict[str, float | int]:
         """The summary JSON's keys (and the study's trial attributes)."""
         names = {"raw_patches": "raw_patch_baseline", "untrained": "untrained_baseline", "pca": "pca_baseline"}
-        linear = {} if self.untrained_linearity is None else {"untrained_linearity_r2": round(self.untrained_linearity, 4)}
+        linear = {} if self.untrained_linearity is None else \
+            {"untrained_linearity_r2": round(self.untrained_linearity, 4)}
         return {**{names[k]: round(fit.accuracy, 4) for k, fit in self.fits.items()},
                 "pca_components": self.pca_components, **linear, "controls_time_s": round(self.time_s, 1)}
 
@@ -194,7 +196,8 @@ class NodeProbe:
     def row(self) -> str:
         name = "0 (top)" if self.node == 0 else str(self.node)
         linear = "-" if self.linearity is None else f"{self.linearity:.4f}"
-        return f"{name:>8} {self.width:>6} {self.trained:>8.4f} {self.untrained:>10.4f} {self.pca:>17.4f} {linear:>25}"
+        return (f"{name:>8} {self.width:>6} {self.trained:>8.4f} {self.untrained:>10.4f} {self.pca:>17.4f} "
+                f"{linear:>25}")
 
 
 def probe_each_node(model: PCViT, states: States, data: ImageData, config: Config) -> list[NodeProbe]:

@@ -120,7 +120,8 @@ def test_the_ridge_keeps_a_few_rows_per_input_from_calling_an_affine_map_with_no
     # from 300 rows
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(1300, 50, generator=generator)
-    targets = inputs @ torch.randn(50, 4, generator=generator) / 50 ** 0.5 + 0.5 * torch.randn(1300, 4, generator=generator)
+    noise = 0.5 * torch.randn(1300, 4, generator=generator)
+    targets = inputs @ torch.randn(50, 4, generator=generator) / 50 ** 0.5 + noise
     test = slice(300, None)
     assert affine_r2(inputs[:60], inputs[test], targets[:60], targets[test]) > 0.45
     assert 0.75 < affine_r2(inputs[:300], inputs[test], targets[:300], targets[test]) < 0.82
