@@ -36,3 +36,10 @@ def test_bench_augment_reports_the_cost_per_batch_of_both_shapes(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "augment.jsonl").read_text().splitlines()]
     assert [r["images"] for r in records] == [[8, 3, 32, 32], [8, 1, 28, 28]]
     assert all(r["augment_ms_per_batch"] > 0 and 0 < r["augment_share"] < 1 for r in records)
+
+
+def test_bench_linearity_times_both_fits_on_the_same_data(capsys):
+    assert script("bench_linearity").main(["--sizes", "300x20x3,400x30x2", "--repeats", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["300x20x3", "400x30x2"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 and float(r[4]) > 0.99 and float(r[5]) > 0.99 for r in rows)
