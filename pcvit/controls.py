@@ -10,9 +10,12 @@ optimiser and epochs) and changes only where the features come from:
   this for predictive coding to have learned anything.
 * `pca`: a PCA of the training pixels to the probed feature dimension (the number of features the model
   gives the probe). Features worth probing should beat this: it is the best linear code of that size.
+* `pixels`: every normalised pixel, no model: the probe is then the best linear classifier of the pixels it can
+  fit, the level that features which are an affine map of the image (see `linearity`) are held to.
 
 `probe_controls` returns every control with the seconds it took; `pcvit-train --baseline` prints them and the
-summary JSON holds them (`untrained_baseline`, `pca_baseline`, `pca_components`, `raw_patch_baseline`).
+summary JSON holds them (`untrained_baseline`, `pca_baseline`, `pca_components`, `raw_patch_baseline`,
+`pixel_baseline`).
 
 Beside the controls, `linearity` asks how much of the features a linear map of the image already gives: the R^2,
 on the test images, of an affine map from the pixels to the features fitted on the training images (ridge by
@@ -35,7 +38,7 @@ from .inference import States, init_states
 from .model import PCViT, patchify
 from .probe import ProbeFit, extract_features, fit_linear_probe, probe_features
 
-CONTROLS = ("raw_patches", "untrained", "pca")
+CONTROLS = ("raw_patches", "untrained", "pca", "pixels")
 BATCH = 1000  # images per step when computing pixel features
 
 
@@ -50,7 +53,8 @@ class Controls:
 
     def summary(self) -> dict[str, float | int]:
         """The summary JSON's keys (and the study's trial attributes)."""
-        names = {"raw_patches": "raw_patch_baseline", "untrained": "untrained_baseline", "pca": "pca_baseline"}
+        names = {"raw_patches": "raw_patch_baseline", "untrained": "untrained_baseline", "pca": "pca_baseline",
+                 "pixels": "pixel_baseline"}
         linear = {} if self.untrained_linearity is None else \
             {"untrained_linearity_r2": round(self.untrained_linearity, 4)}
         return {**{names[k]: round(fit.accuracy, 4) for k, fit in self.fits.items()},
@@ -59,7 +63,7 @@ class Controls:
     def describe(self) -> str:
         """One line: `raw patches 0.35 | untrained network 0.44 | PCA-16 of the pixels 0.79`."""
         labels = {"raw_patches": "raw patches", "untrained": "untrained network",
-                  "pca": f"PCA-{self.pca_components} of the pixels"}
+                  "pca": f"PCA-{self.pca_components} of the pixels", "pixels": "all the pixels"}
         return " | ".join(f"{labels[k]} {fit.accuracy:.4f}{fit.describe()}" for k, fit in self.fits.items())
 
 
@@ -85,8 +89,10 @@ def probe_controls(data: ImageData, config: Config, which: tuple[str, ...] = CON
                         extract_features(model, states, test_images, data, config))
             fits[name] = fit(*features)
             untrained_linearity = linearity(data, test_images, *features)
-        else:
+        elif name == "pca":
             fits[name] = fit(*pca_features(data, data.train_images, test_images, width))
+        else:
+            fits[name] = fit(pixels(data, data.train_images), pixels(data, test_images))
     return Controls(fits, width, time.perf_counter() - start, untrained_linearity)
 
 

@@ -13,7 +13,7 @@ from pcvit.cli import main
 from pcvit.controls import (affine_r2, feature_linearity, pca_features, principal_axes, probe_controls,
                             probe_each_node, probed_width, untrained_network)
 from pcvit.data import FASHION_MNIST_DIR
-from pcvit.probe import probe_accuracy
+from pcvit.probe import fit_linear_probe, probe_accuracy
 from tests.helpers import tiny_config, tiny_config_file
 
 
@@ -54,8 +54,8 @@ def test_both_ways_to_the_principal_axes_agree_with_the_singular_values(n, d):
 
 
 def test_unknown_controls_are_refused_by_name():
-    with pytest.raises(ValueError, match="unknown controls \\['pixels'\\]"):
-        probe_controls(load_data(tiny_config()), tiny_config(), ("pixels",))
+    with pytest.raises(ValueError, match="unknown controls \\['patches'\\]"):
+        probe_controls(load_data(tiny_config()), tiny_config(), ("patches",))
 
 
 def test_raw_patches_use_the_configured_probe_solver():
@@ -72,8 +72,10 @@ def test_baseline_prints_every_control_and_the_summary_holds_them(tmp_path, caps
                  "--summary-json", str(summary)]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("controls"))
     assert "raw patches" in line and "untrained network" in line and "PCA-48 of the pixels" in line
+    assert "all the pixels" in line
     data = json.loads(summary.read_text())
-    assert {"raw_patch_baseline", "untrained_baseline", "pca_baseline", "controls_time_s"} <= set(data)
+    keys = {"raw_patch_baseline", "untrained_baseline", "pca_baseline", "pixel_baseline", "controls_time_s"}
+    assert keys <= set(data)
     assert data["pca_components"] == 48 and 0 <= data["pca_baseline"] <= 1  # P = 4 x 4 x 3 on 32-pixel images
 
 
@@ -174,3 +176,13 @@ def test_with_fewer_training_images_than_pixels_linearity_is_not_claimed(tmp_pat
     assert "linearity of the features not measured: 64 training images, not more than the 3072 pixels" in \
         capsys.readouterr().out
     assert "feature_linearity_r2" not in json.loads(summary.read_text())
+
+
+def test_the_pixels_control_is_a_linear_head_on_every_normalised_pixel():
+    config = tiny_config(linear_probe_solver="lbfgs")
+    data = load_data(config)
+    fit = probe_controls(data, config, ("pixels",)).fits["pixels"]
+    direct = fit_linear_probe(data.normalise(data.train_images).flatten(1), data.train_labels,
+                              data.normalise(data.test_images[: config.test_subset]).flatten(1),
+                              data.test_labels[: config.test_subset], config)
+    assert fit.accuracy == direct.accuracy and fit.converged

@@ -192,7 +192,7 @@ def success_summary(trials: list[FrozenTrial], spec: StudySpec) -> list[dict[str
 
 
 CONTROL_ATTRS = {"untrained_baseline": "the same network untrained", "pca_baseline": "PCA-{k} of the pixels",
-                 "raw_patch_baseline": "raw patches"}
+                 "raw_patch_baseline": "raw patches", "pixel_baseline": "all the pixels"}
 
 
 LINEARITY_ATTRS = ("feature_linearity_r2", "untrained_linearity_r2")

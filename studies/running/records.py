@@ -29,6 +29,8 @@ SHOWN = {  # user attribute -> what it means (the study's note lists these)
     "untrained_baseline": "probe of the same network at initialisation (best trials only)",
     "pca_baseline": "probe of a PCA of the pixels to the probed width (best trials only)",
     "raw_patch_baseline": "probe of the patch-averaged pixels (best trials only)",
+    "pixel_baseline": "probe of all the pixels: what a code that is an affine map of the image is held to (best "
+                      "trials only)",
     "fail_reason": "why the trial failed (a dead worker, an error)",
     "retry_reason": "this trial retries a failed one, and why",
     "resumed_after_epoch": "a retry went on from its predecessor's checkpoint after this epoch",
